@@ -1,0 +1,178 @@
+//! The crate's error type.
+
+use std::{error::Error as StdError, fmt, sync::Arc};
+
+/// A type-erased error, as tower stacks pass them around.
+pub type BoxError = Box<dyn StdError + Send + Sync>;
+
+/// The error type of [`BlazeAuth`](crate::BlazeAuth) and of this crate's constructors.
+///
+/// The kind of failure is told by the `is_*` predicates; the cause, where there is one,
+/// by [`source`](StdError::source). Neither `Display` nor `Debug` ever include a token,
+/// a secret or a full URL.
+pub struct Error {
+    kind: Kind,
+    source: Option<Source>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Inner,
+    Token,
+    StudyConflict,
+    MissingStudy,
+    InvalidUri,
+    InvalidToken,
+    InvalidStudy,
+    InvalidHeader,
+}
+
+/// A cause, owned by this error or shared with the other waiters of one token fetch.
+enum Source {
+    Owned(BoxError),
+    Shared(Arc<dyn StdError + Send + Sync>),
+}
+
+impl Error {
+    fn new(kind: Kind, source: Option<Source>) -> Self {
+        Self { kind, source }
+    }
+
+    pub(crate) fn inner(source: impl Into<BoxError>) -> Self {
+        Self::new(Kind::Inner, Some(Source::Owned(source.into())))
+    }
+
+    pub(crate) fn token(source: Arc<dyn StdError + Send + Sync>) -> Self {
+        Self::new(Kind::Token, Some(Source::Shared(source)))
+    }
+
+    pub(crate) fn study_conflict() -> Self {
+        Self::new(Kind::StudyConflict, None)
+    }
+
+    pub(crate) fn missing_study() -> Self {
+        Self::new(Kind::MissingStudy, None)
+    }
+
+    pub(crate) fn invalid_uri(source: Option<BoxError>) -> Self {
+        Self::new(Kind::InvalidUri, source.map(Source::Owned))
+    }
+
+    pub(crate) fn invalid_token() -> Self {
+        Self::new(Kind::InvalidToken, None)
+    }
+
+    pub(crate) fn invalid_study() -> Self {
+        Self::new(Kind::InvalidStudy, None)
+    }
+
+    pub(crate) fn invalid_header(source: Option<BoxError>) -> Self {
+        Self::new(Kind::InvalidHeader, source.map(Source::Owned))
+    }
+
+    /// The inner service failed; [`source`](StdError::source) is its error.
+    pub fn is_inner(&self) -> bool {
+        self.kind == Kind::Inner
+    }
+
+    /// No access token could be obtained; [`source`](StdError::source) is the
+    /// [`TokenSource`](crate::TokenSource)'s error. The request was not sent.
+    pub fn is_token(&self) -> bool {
+        self.kind == Kind::Token
+    }
+
+    /// The request URI already carries a `researchstudy` parameter naming another study than
+    /// the one this request is for. The request was not sent.
+    pub fn is_study_conflict(&self) -> bool {
+        self.kind == Kind::StudyConflict
+    }
+
+    /// Neither the request (URI or [`ResearchStudy`](crate::ResearchStudy) extension) nor the
+    /// layer names a research study. The request was not sent.
+    pub fn is_missing_study(&self) -> bool {
+        self.kind == Kind::MissingStudy
+    }
+
+    /// The request URI cannot carry a query (authority or asterisk form). The request was not sent.
+    pub fn is_invalid_uri(&self) -> bool {
+        self.kind == Kind::InvalidUri
+    }
+
+    /// A token or token type holds bytes that cannot go into an `Authorization` header.
+    pub fn is_invalid_token(&self) -> bool {
+        self.kind == Kind::InvalidToken
+    }
+
+    /// A research study id is empty, has surrounding white space or a control character.
+    pub fn is_invalid_study(&self) -> bool {
+        self.kind == Kind::InvalidStudy
+    }
+
+    /// A header given to the layer has an invalid name or value, or is one the layer owns.
+    pub fn is_invalid_header(&self) -> bool {
+        self.kind == Kind::InvalidHeader
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self.kind {
+            Kind::Inner => "inner service failed",
+            Kind::Token => "failed to obtain an access token",
+            Kind::StudyConflict => "request URI names a different research study",
+            Kind::MissingStudy => "no research study for this request",
+            Kind::InvalidUri => "request URI cannot carry a query",
+            Kind::InvalidToken => "access token is not a valid header value",
+            Kind::InvalidStudy => "invalid research study id",
+            Kind::InvalidHeader => "invalid header for the layer",
+        })
+    }
+}
+
+impl fmt::Debug for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut debug = f.debug_struct("blaze_auth::Error");
+        debug.field("kind", &self.kind);
+        if let Some(source) = self.source() {
+            debug.field("source", &source);
+        }
+        debug.finish()
+    }
+}
+
+impl StdError for Error {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        match self.source.as_ref()? {
+            Source::Owned(source) => Some(&**source),
+            Source::Shared(source) => Some(&**source),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_is_send_sync_and_boxes() {
+        fn assert_send_sync<T: Send + Sync + 'static>() {}
+        assert_send_sync::<Error>();
+        let boxed: BoxError = Error::study_conflict().into();
+        assert!(boxed.downcast_ref::<Error>().unwrap().is_study_conflict());
+    }
+
+    #[test]
+    fn token_error_exposes_the_source_itself_for_downcasting() {
+        let cause: Arc<dyn StdError + Send + Sync> = Arc::new(std::fmt::Error);
+        let error = Error::token(cause);
+        assert!(error.is_token());
+        assert!(error.source().unwrap().is::<std::fmt::Error>());
+    }
+
+    #[test]
+    fn display_is_short_and_lowercase() {
+        let error = Error::inner("boom");
+        assert_eq!(error.to_string(), "inner service failed");
+        assert_eq!(error.source().unwrap().to_string(), "boom");
+    }
+}

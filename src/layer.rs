@@ -1,0 +1,279 @@
+//! [`BlazeAuthLayer`] and its [`Builder`].
+
+use crate::{
+    error::{BoxError, Error},
+    replay::CloneBody,
+    service::BlazeAuth,
+    study::ResearchStudy,
+    token::{TokenSource, cache::TokenCache},
+};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, header::AUTHORIZATION, request::Parts};
+use std::{fmt, sync::Arc, time::Duration};
+use tower::Layer;
+
+/// The refresh margin when none is set: see [`Builder::refresh_margin`].
+pub const DEFAULT_REFRESH_MARGIN: Duration = Duration::from_secs(60);
+
+/// A [`Layer`] that authenticates every request for the Blaze FHIR API.
+///
+/// It wraps a service in [`BlazeAuth`], which adds `Authorization: Bearer <token>`, the
+/// `researchstudy` query parameter and any fixed headers to each request, and on a 401 fetches
+/// a new token and sends the request once more. All services made from one layer, and all
+/// their clones, share one token cache. See the [crate docs](crate) for examples.
+pub struct BlazeAuthLayer<R = CloneBody> {
+    config: Arc<Config>,
+    replay: R,
+}
+
+/// What a layer adds to requests, and the cache its tokens come from.
+pub(crate) struct Config {
+    pub(crate) cache: Arc<TokenCache>,
+    study: Option<ResearchStudy>,
+    headers: HeaderMap,
+    idempotent_only: bool,
+}
+
+impl BlazeAuthLayer {
+    /// A layer that takes tokens from `source` and sends requests for research study `study`.
+    ///
+    /// # Panics
+    ///
+    /// If `study` is not a valid study id (see [`ResearchStudy::new`]): it is configuration,
+    /// so a mistake is caught at start-up. Use [`builder`](Self::builder) to get an error
+    /// instead.
+    pub fn new(source: impl TokenSource + 'static, study: &str) -> Self {
+        match Self::builder(source).study(study).build() {
+            Ok(layer) => layer,
+            Err(error) => panic!("BlazeAuthLayer::new: {error}"),
+        }
+    }
+
+    /// A [`Builder`] for a layer that takes tokens from `source`.
+    pub fn builder(source: impl TokenSource + 'static) -> Builder {
+        Builder {
+            source: Box::new(source),
+            study: None,
+            headers: HeaderMap::new(),
+            error: None,
+            refresh_margin: DEFAULT_REFRESH_MARGIN,
+            idempotent_only: false,
+            replay: CloneBody,
+        }
+    }
+}
+
+impl<R> BlazeAuthLayer<R> {
+    /// Sets how request bodies are kept for the retry after a 401 (see [`crate::replay`]).
+    /// The default, [`CloneBody`], clones them.
+    pub fn replay<R2>(self, replay: R2) -> BlazeAuthLayer<R2> {
+        BlazeAuthLayer {
+            config: self.config,
+            replay,
+        }
+    }
+}
+
+impl<S, R: Clone> Layer<S> for BlazeAuthLayer<R> {
+    type Service = BlazeAuth<S, R>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        BlazeAuth::from_parts(inner, Arc::clone(&self.config), self.replay.clone())
+    }
+}
+
+impl<R: Clone> Clone for BlazeAuthLayer<R> {
+    fn clone(&self) -> Self {
+        Self {
+            config: Arc::clone(&self.config),
+            replay: self.replay.clone(),
+        }
+    }
+}
+
+impl<R: fmt::Debug> fmt::Debug for BlazeAuthLayer<R> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BlazeAuthLayer")
+            .field("config", &self.config)
+            .field("replay", &self.replay)
+            .finish()
+    }
+}
+
+impl Config {
+    /// Whether a request with this method may be sent a second time.
+    pub(crate) fn retries(&self, method: &Method) -> bool {
+        !self.idempotent_only || method.is_idempotent()
+    }
+
+    /// Adds the study and the fixed headers to a request head. The token comes later.
+    pub(crate) fn prepare(&self, parts: &mut Parts) -> Result<(), Error> {
+        let study = parts
+            .extensions
+            .get::<ResearchStudy>()
+            .or(self.study.as_ref())
+            .ok_or_else(Error::missing_study)?;
+        parts.uri = study.add_to(std::mem::take(&mut parts.uri))?;
+        for (name, value) in &self.headers {
+            parts.headers.insert(name, value.clone());
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("cache", &self.cache)
+            .field("study", &self.study)
+            .field("headers", &self.headers)
+            .field("idempotent_only", &self.idempotent_only)
+            .finish()
+    }
+}
+
+/// Configures a [`BlazeAuthLayer`]; made by [`BlazeAuthLayer::builder`].
+///
+/// Invalid values are reported by [`build`](Builder::build), so a layer that exists is one
+/// that can authenticate every request.
+///
+/// ```
+/// use blaze_auth::{AccessToken, BlazeAuthLayer, StaticToken};
+/// use std::time::Duration;
+///
+/// let source = StaticToken::new(AccessToken::bearer("t")?);
+/// let layer = BlazeAuthLayer::builder(source)
+///     .study("FHIR-T")
+///     .partner_id("partner-42")
+///     .refresh_margin(Duration::from_secs(120))
+///     .retry_idempotent_only(true)
+///     .build()?;
+/// # let _ = layer;
+/// # Ok::<_, blaze_auth::Error>(())
+/// ```
+pub struct Builder<R = CloneBody> {
+    source: Box<dyn TokenSource>,
+    study: Option<Result<ResearchStudy, Error>>,
+    headers: HeaderMap,
+    error: Option<Error>,
+    refresh_margin: Duration,
+    idempotent_only: bool,
+    replay: R,
+}
+
+impl<R> Builder<R> {
+    /// Sets the research study sent with every request that does not name its own through a
+    /// [`ResearchStudy`] extension. Default: none, and such a request fails with
+    /// [`Error::is_missing_study`].
+    pub fn study(mut self, id: &str) -> Self {
+        self.study = Some(ResearchStudy::new(id));
+        self
+    }
+
+    /// Sets Blaze v2's `x-partnerid` header, sent with every request. Default: not sent.
+    pub fn partner_id(self, partner_id: &str) -> Self {
+        self.header(HeaderName::from_static("x-partnerid"), partner_id)
+    }
+
+    /// Adds a header sent with every request, replacing one of the same name the request
+    /// has. The value is marked [sensitive](HeaderValue::set_sensitive). Default: none.
+    ///
+    /// `Authorization` is the token's, and not accepted here.
+    pub fn header<K, V>(mut self, name: K, value: V) -> Self
+    where
+        K: TryInto<HeaderName>,
+        K::Error: Into<BoxError>,
+        V: TryInto<HeaderValue>,
+        V::Error: Into<BoxError>,
+    {
+        let header = name
+            .try_into()
+            .map_err(Into::into)
+            .and_then(|name| Ok((name, value.try_into().map_err(Into::into)?)));
+        match header {
+            Ok((name, _)) if name == AUTHORIZATION => self.fail(Error::invalid_header(None)),
+            Ok((name, mut value)) => {
+                value.set_sensitive(true);
+                self.headers.insert(name, value);
+                self
+            }
+            Err(error) => self.fail(Error::invalid_header(Some(error))),
+        }
+    }
+
+    /// Sets how long before a token expires it is refreshed.
+    ///
+    /// From then on, the first request starts a fetch in the background, and requests keep
+    /// using the cached token until the new one arrives or the old one expires. The margin
+    /// is capped at half the token's lifetime, so short-lived tokens are not refreshed on
+    /// every request. Zero means no refresh before expiry.
+    ///
+    /// Default: [`DEFAULT_REFRESH_MARGIN`], 60 s. Blaze tokens live an hour, so this costs
+    /// under 2 % more token fetches, and leaves a slow token endpoint (with its retries) a
+    /// minute to answer before any request has to wait.
+    pub fn refresh_margin(mut self, margin: Duration) -> Self {
+        self.refresh_margin = margin;
+        self
+    }
+
+    /// Sets whether only requests with an idempotent method (GET, HEAD, PUT, DELETE,
+    /// OPTIONS, TRACE) are retried after a 401. Default: `false`, every method is: Blaze has
+    /// not acted on a request it answered 401.
+    pub fn retry_idempotent_only(mut self, idempotent_only: bool) -> Self {
+        self.idempotent_only = idempotent_only;
+        self
+    }
+
+    /// Sets how request bodies are kept for the retry after a 401 (see [`crate::replay`]).
+    /// Default: [`CloneBody`].
+    pub fn replay<R2>(self, replay: R2) -> Builder<R2> {
+        Builder {
+            source: self.source,
+            study: self.study,
+            headers: self.headers,
+            error: self.error,
+            refresh_margin: self.refresh_margin,
+            idempotent_only: self.idempotent_only,
+            replay,
+        }
+    }
+
+    /// Builds the layer.
+    ///
+    /// # Errors
+    ///
+    /// The first invalid value given: a study id ([`Error::is_invalid_study`]) or a header
+    /// ([`Error::is_invalid_header`]).
+    pub fn build(self) -> Result<BlazeAuthLayer<R>, Error> {
+        if let Some(error) = self.error {
+            return Err(error);
+        }
+        let study = self.study.transpose()?;
+        let config = Config {
+            cache: Arc::new(TokenCache::new(self.source, self.refresh_margin)),
+            study,
+            headers: self.headers,
+            idempotent_only: self.idempotent_only,
+        };
+        Ok(BlazeAuthLayer {
+            config: Arc::new(config),
+            replay: self.replay,
+        })
+    }
+
+    fn fail(mut self, error: Error) -> Self {
+        self.error.get_or_insert(error);
+        self
+    }
+}
+
+impl<R: fmt::Debug> fmt::Debug for Builder<R> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Builder")
+            .field("study", &self.study)
+            .field("headers", &self.headers)
+            .field("refresh_margin", &self.refresh_margin)
+            .field("idempotent_only", &self.idempotent_only)
+            .field("replay", &self.replay)
+            .finish_non_exhaustive()
+    }
+}

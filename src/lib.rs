@@ -1,0 +1,116 @@
+//! Client-side authentication for Memorial Sloan Kettering's clinical-research FHIR API,
+//! "Blaze", as a [`tower`] middleware.
+//!
+//! # Overview
+//!
+//! [`BlazeAuthLayer`] wraps any `tower::Service<http::Request<B>>`: a hyper-util client, a
+//! tonic channel, an axum-side client. For every request it
+//!
+//! - adds `Authorization: Bearer <token>`, replacing any `Authorization` already there, with
+//!   the header value marked sensitive;
+//! - appends `researchstudy=<study>` to the query, leaving the rest of the URI byte for byte
+//!   as it was; a URI that names the study already (Blaze's paging links do) is left alone,
+//!   one that names another study is an error;
+//! - adds the layer's fixed headers, such as Blaze v2's `x-partnerid`;
+//! - on a 401, fetches a new token and sends the request once more.
+//!
+//! Tokens come from a [`TokenSource`]. The layer caches them, refreshes them ahead of expiry,
+//! and runs one fetch at a time however many requests need a token. Requests with a valid
+//! cached token take no lock.
+//!
+//! # Example
+//!
+//! ```
+//! use blaze_auth::{AccessToken, BlazeAuthLayer, StaticToken};
+//! use http::{Request, Response, StatusCode, header::AUTHORIZATION};
+//! use tower::{ServiceBuilder, ServiceExt, service_fn};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+//! let source = StaticToken::new(AccessToken::bearer("my-token")?);
+//! let client = ServiceBuilder::new()
+//!     .layer(BlazeAuthLayer::new(source, "FHIR-T"))
+//!     // In real use: a hyper-util client. Here, a service that shows what it was sent.
+//!     .service(service_fn(|request: Request<String>| async move {
+//!         let seen = format!("{} {:?}", request.uri(), request.headers()[AUTHORIZATION]);
+//!         Ok::<_, std::convert::Infallible>(Response::new(seen))
+//!     }));
+//!
+//! let request = Request::get("/Patient?_count=10").body(String::new())?;
+//! let response = client.oneshot(request).await?;
+//! assert_eq!(response.status(), StatusCode::OK);
+//! assert_eq!(response.body(), "/Patient?_count=10&researchstudy=FHIR-T Sensitive");
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! With hyper-util's client (`hyper-util` with `client-legacy`, `http1` and `tokio`):
+//!
+//! ```no_run
+//! use blaze_auth::{AccessToken, BlazeAuthLayer, StaticToken};
+//! use bytes::Bytes;
+//! use http_body_util::Full;
+//! use hyper_util::{client::legacy::Client, rt::TokioExecutor};
+//! use tower::{ServiceBuilder, ServiceExt};
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+//! let source = StaticToken::new(AccessToken::bearer("my-token")?);
+//! let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+//! let client = ServiceBuilder::new()
+//!     .layer(
+//!         BlazeAuthLayer::builder(source)
+//!             .study("FHIR-T")
+//!             .partner_id("partner-42")
+//!             .build()?,
+//!     )
+//!     .service(client);
+//!
+//! let request = http::Request::get("http://127.0.0.1:8080/msk-apim/external/v2/crit/blaze/api/Patient")
+//!     .body(Full::default())?;
+//! let response = client.oneshot(request).await?;
+//! println!("{}", response.status());
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Retries and request bodies
+//!
+//! To send a request again after a 401 the layer keeps a copy of it. By default it clones the
+//! body ([`CloneBody`]), so the body type must be `Clone`; for bodies that are not, use
+//! [`NoReplay`] (see [`replay`]). A second 401 goes back to the caller as it came; no other
+//! status is ever retried.
+//!
+//! # Runtime
+//!
+//! Token fetches run as Tokio tasks, so that no caller's cancellation stops a fetch others wait
+//! for: the layer must be used inside a Tokio runtime. Expiry is measured on Tokio's clock, so
+//! tests can pause and advance time.
+
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+mod error;
+mod layer;
+mod macros;
+pub mod replay;
+mod service;
+mod study;
+pub mod token;
+
+pub mod future;
+
+#[cfg(test)]
+mod test_helpers;
+
+/// Compiles the README's examples as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
+
+pub use crate::{
+    error::{BoxError, Error},
+    layer::{BlazeAuthLayer, Builder, DEFAULT_REFRESH_MARGIN},
+    replay::{CloneBody, NoReplay, Replay},
+    service::BlazeAuth,
+    study::ResearchStudy,
+    token::{AccessToken, StaticToken, TokenFn, TokenFuture, TokenSource, token_fn},
+};

@@ -1,0 +1,708 @@
+//! [`BlazeAuth`], the service that authenticates requests.
+
+use crate::{
+    error::{BoxError, Error},
+    future::ResponseFuture,
+    layer::{BlazeAuthLayer, Config},
+    replay::{CloneBody, Replay},
+    token::TokenSource,
+};
+use http::{Request, Response};
+use std::{
+    fmt,
+    sync::Arc,
+    task::{Context, Poll},
+};
+use tower::{Layer, Service};
+
+/// Authenticates every request for the Blaze FHIR API; made by [`BlazeAuthLayer`].
+///
+/// Each request gets the `Authorization` header of the cached token (replacing one it had),
+/// the `researchstudy` query parameter and the layer's fixed headers. If the inner service
+/// answers 401, a new token is fetched and the request sent once more, when its body can be
+/// replayed (see [`crate::replay`]). See the [crate docs](crate) for examples.
+pub struct BlazeAuth<S, R = CloneBody> {
+    inner: S,
+    config: Arc<Config>,
+    replay: R,
+}
+
+impl<S> BlazeAuth<S> {
+    /// Wraps `inner`: tokens come from `source`, requests are for research study `study`.
+    ///
+    /// # Panics
+    ///
+    /// If `study` is not a valid study id; see [`BlazeAuthLayer::new`].
+    pub fn new(inner: S, source: impl TokenSource + 'static, study: &str) -> Self {
+        BlazeAuthLayer::new(source, study).layer(inner)
+    }
+
+    /// A [`BlazeAuthLayer`]: the same as [`BlazeAuthLayer::new`].
+    ///
+    /// # Panics
+    ///
+    /// If `study` is not a valid study id.
+    pub fn layer(source: impl TokenSource + 'static, study: &str) -> BlazeAuthLayer {
+        BlazeAuthLayer::new(source, study)
+    }
+}
+
+impl<S, R> BlazeAuth<S, R> {
+    pub(crate) fn from_parts(inner: S, config: Arc<Config>, replay: R) -> Self {
+        Self {
+            inner,
+            config,
+            replay,
+        }
+    }
+
+    crate::macros::define_inner_service_accessors!();
+}
+
+impl<S, R, ReqBody, ResBody> Service<Request<ReqBody>> for BlazeAuth<S, R>
+where
+    S: Service<Request<R::Body>, Response = Response<ResBody>> + Clone,
+    S::Error: Into<BoxError>,
+    R: Replay<ReqBody>,
+{
+    type Response = Response<ResBody>;
+    type Error = Error;
+    type Future = ResponseFuture<S, R::Body>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Error::inner)
+    }
+
+    fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
+        // `self.inner` was polled ready, a clone of it may not be: call the ready one and
+        // keep the clone (see tower-service's docs on `Service::call` and cloning).
+        let not_ready_inner = self.inner.clone();
+        let ready_inner = std::mem::replace(&mut self.inner, not_ready_inner);
+
+        let (mut parts, body) = request.into_parts();
+        if let Err(error) = self.config.prepare(&mut parts) {
+            return ResponseFuture::failed(error);
+        }
+        let (body, copy) = if self.config.retries(&parts.method) {
+            let (body, copy) = self.replay.replayable(body);
+            (
+                body,
+                copy.map(|copy| Request::from_parts(parts.clone(), copy)),
+            )
+        } else {
+            (self.replay.once(body), None)
+        };
+        let request = Request::from_parts(parts, body);
+        ResponseFuture::new(ready_inner, request, copy, &self.config.cache)
+    }
+}
+
+impl<S: Clone, R: Clone> Clone for BlazeAuth<S, R> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            config: Arc::clone(&self.config),
+            replay: self.replay.clone(),
+        }
+    }
+}
+
+impl<S: fmt::Debug, R: fmt::Debug> fmt::Debug for BlazeAuth<S, R> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BlazeAuth")
+            .field("inner", &self.inner)
+            .field("config", &self.config)
+            .field("replay", &self.replay)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        AccessToken, NoReplay, ResearchStudy, StaticToken,
+        test_helpers::{TestSource, inner, reject_first_token, sent_token},
+    };
+    use http::{HeaderValue, Method, StatusCode, header::AUTHORIZATION};
+    use http_body_util::{BodyExt, Full, StreamBody};
+    use std::{
+        convert::Infallible,
+        error::Error as _,
+        sync::atomic::{AtomicBool, AtomicUsize, Ordering},
+        time::Duration,
+    };
+    use tokio::sync::Barrier;
+    use tokio_test::{assert_pending, assert_ready_ok};
+    use tower::{ServiceBuilder, ServiceExt, service_fn};
+
+    #[tokio::test]
+    async fn adds_sensitive_authorization_replacing_the_old_one() {
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(None));
+        let record = Arc::clone(&seen);
+        let client = ServiceBuilder::new()
+            .layer(BlazeAuthLayer::new(TestSource::new(), "FHIR-T"))
+            .service_fn(move |request: Request<String>| {
+                let values: Vec<HeaderValue> = request
+                    .headers()
+                    .get_all(AUTHORIZATION)
+                    .iter()
+                    .cloned()
+                    .collect();
+                *record.lock().unwrap() = Some(values);
+                async { Ok::<_, Infallible>(Response::new(())) }
+            });
+        let request = Request::get("/Patient")
+            .header(AUTHORIZATION, "Basic old")
+            .header(AUTHORIZATION, "Bearer older")
+            .body(String::new())
+            .unwrap();
+        client.oneshot(request).await.unwrap();
+        let values = seen.lock().unwrap().take().unwrap();
+        assert_eq!(values, ["Bearer token-1"]);
+        assert!(values[0].is_sensitive());
+    }
+
+    #[tokio::test]
+    async fn study_and_fixed_headers_are_added_and_the_rest_kept() {
+        let layer = BlazeAuthLayer::builder(TestSource::new())
+            .study("FHIR-T")
+            .partner_id("partner-42")
+            .header("x-other", "1")
+            .build()
+            .unwrap();
+        let client =
+            ServiceBuilder::new()
+                .layer(layer)
+                .service_fn(|request: Request<String>| async move {
+                    Ok::<_, Infallible>(Response::new(request))
+                });
+        let uri =
+            "https://h/api/Observation?code=http://loinc.org|777-3,http://loinc.org|751-8&_count=5";
+        let request = Request::post(uri)
+            .header("x-other", "0")
+            .header("accept", "application/fhir+json")
+            .body("body".to_owned())
+            .unwrap();
+        let seen = client.oneshot(request).await.unwrap().into_body();
+        assert_eq!(
+            seen.uri().to_string(),
+            format!("{uri}&researchstudy=FHIR-T")
+        );
+        assert_eq!(seen.method(), Method::POST);
+        assert_eq!(seen.headers()["x-partnerid"], "partner-42");
+        assert!(seen.headers()["x-partnerid"].is_sensitive());
+        assert_eq!(seen.headers().get_all("x-other").iter().count(), 1);
+        assert_eq!(seen.headers()["x-other"], "1");
+        assert_eq!(seen.headers()["accept"], "application/fhir+json");
+        assert_eq!(seen.body(), "body");
+    }
+
+    #[tokio::test]
+    async fn a_request_extension_names_its_own_study() {
+        let (service, _) = inner::<String, _>(|_| StatusCode::OK);
+        let uris = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let record = Arc::clone(&uris);
+        let client = ServiceBuilder::new()
+            .layer(BlazeAuthLayer::new(TestSource::new(), "FHIR-T"))
+            .map_request(move |request: Request<String>| {
+                record.lock().unwrap().push(request.uri().to_string());
+                request
+            })
+            .service(service);
+        let mut request = Request::get("/Patient").body(String::new()).unwrap();
+        request
+            .extensions_mut()
+            .insert(ResearchStudy::new("12-345").unwrap());
+        client.clone().oneshot(request).await.unwrap();
+        let plain = Request::get("/Patient").body(String::new()).unwrap();
+        client.oneshot(plain).await.unwrap();
+        assert_eq!(
+            *uris.lock().unwrap(),
+            [
+                "/Patient?researchstudy=12-345",
+                "/Patient?researchstudy=FHIR-T"
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn conflicting_or_missing_study_fails_without_sending() {
+        let (service, calls) = inner::<String, _>(|_| StatusCode::OK);
+        let client = BlazeAuth::new(service.clone(), TestSource::new(), "FHIR-T");
+        let request = Request::get("/Patient?researchstudy=OTHER&page=2")
+            .body(String::new())
+            .unwrap();
+        let error = client.oneshot(request).await.unwrap_err();
+        assert!(error.is_study_conflict(), "{error:?}");
+
+        let no_study = BlazeAuthLayer::builder(TestSource::new()).build().unwrap();
+        let request = Request::get("/Patient").body(String::new()).unwrap();
+        let error = no_study.layer(service).oneshot(request).await.unwrap_err();
+        assert!(error.is_missing_study(), "{error:?}");
+        assert_eq!(calls.load(Ordering::SeqCst), 0);
+    }
+
+    #[test]
+    fn invalid_configuration_is_rejected_when_the_layer_is_built() {
+        let build = |study: &str, name: &str, value: &str| {
+            BlazeAuthLayer::builder(TestSource::new())
+                .study(study)
+                .header(name, value)
+                .build()
+                .map(drop)
+        };
+        assert!(
+            build("", "x-partnerid", "p")
+                .unwrap_err()
+                .is_invalid_study()
+        );
+        assert!(build("S", "bad name", "p").unwrap_err().is_invalid_header());
+        assert!(
+            build("S", "x-partnerid", "a\nb")
+                .unwrap_err()
+                .is_invalid_header()
+        );
+        assert!(
+            build("S", "authorization", "x")
+                .unwrap_err()
+                .is_invalid_header()
+        );
+        assert!(build("S", "x-partnerid", "p").is_ok());
+    }
+
+    #[test]
+    #[should_panic(expected = "invalid research study id")]
+    fn new_panics_on_an_invalid_study() {
+        BlazeAuthLayer::new(TestSource::new(), "FHIR-T\n");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn thousand_requests_at_expiry_cause_exactly_one_fetch() {
+        let source = TestSource::expiring(Duration::from_secs(3600));
+        let (service, calls) = inner::<String, _>(|_| StatusCode::OK);
+        let client = BlazeAuth::new(service, source.clone(), "S");
+        client.clone().oneshot(get()).await.unwrap();
+        assert_eq!(source.fetches(), 1);
+
+        tokio::time::advance(Duration::from_secs(3600)).await;
+        let tasks: Vec<_> = (0..1000)
+            .map(|_| tokio::spawn(client.clone().oneshot(get())))
+            .collect();
+        for task in tasks {
+            let response = task.await.unwrap().unwrap();
+            assert_eq!(response.status(), StatusCode::OK);
+            assert_eq!(response.body(), "token-2");
+        }
+        assert_eq!(source.fetches(), 2);
+        assert_eq!(calls.load(Ordering::SeqCst), 1001);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn thousand_threaded_requests_share_one_fetch() {
+        let source = TestSource::gated();
+        let (service, _) = inner::<String, _>(|_| StatusCode::OK);
+        let client = BlazeAuth::new(service, source.clone(), "S");
+        let waiting = Arc::new(AtomicUsize::new(0));
+        let tasks: Vec<_> = (0..1000)
+            .map(|_| {
+                let mut client = client.clone();
+                let waiting = Arc::clone(&waiting);
+                tokio::spawn(async move {
+                    // `call` joins (or starts) the fetch before it returns.
+                    let future = client.ready().await.unwrap().call(get());
+                    waiting.fetch_add(1, Ordering::SeqCst);
+                    future.await
+                })
+            })
+            .collect();
+        while waiting.load(Ordering::SeqCst) < 1000 {
+            tokio::task::yield_now().await;
+        }
+        source.open();
+        for task in tasks {
+            assert_eq!(task.await.unwrap().unwrap().body(), "token-1");
+        }
+        assert_eq!(source.fetches(), 1);
+    }
+
+    #[tokio::test]
+    async fn one_401_causes_one_refresh_and_one_retry() {
+        let source = TestSource::new();
+        let (service, calls) = inner::<String, _>(reject_first_token);
+        let client = BlazeAuth::new(service, source.clone(), "S");
+        let response = client.oneshot(get()).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(response.body(), "token-2");
+        assert_eq!(source.fetches(), 2);
+        assert_eq!(source.rejected(), ["token-1"]);
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn second_401_is_returned_unchanged() {
+        let source = TestSource::new();
+        let (service, calls) = inner::<String, _>(|_| StatusCode::UNAUTHORIZED);
+        let client = BlazeAuth::new(service, source.clone(), "S");
+        let response = client.oneshot(get()).await.unwrap();
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(response.body(), "token-2");
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+        assert_eq!(source.fetches(), 2);
+    }
+
+    #[tokio::test]
+    async fn other_statuses_are_never_retried() {
+        for status in [
+            StatusCode::FORBIDDEN,
+            StatusCode::BAD_REQUEST,
+            StatusCode::NOT_FOUND,
+        ] {
+            let source = TestSource::new();
+            let (service, calls) = inner::<String, _>(move |_| status);
+            let client = BlazeAuth::new(service, source.clone(), "S");
+            let response = client.oneshot(get()).await.unwrap();
+            assert_eq!(response.status(), status);
+            assert_eq!(calls.load(Ordering::SeqCst), 1);
+            assert_eq!(source.fetches(), 1);
+        }
+    }
+
+    #[tokio::test]
+    async fn hundred_concurrent_401s_on_one_token_cause_one_refresh() {
+        let source = TestSource::new();
+        let barrier = Arc::new(Barrier::new(100));
+        let calls = Arc::new(AtomicUsize::new(0));
+        let (barrier_in, calls_in) = (Arc::clone(&barrier), Arc::clone(&calls));
+        // Every first call waits until all 100 were sent with token-1: then all get 401.
+        let service = service_fn(move |request: Request<String>| {
+            let barrier = Arc::clone(&barrier_in);
+            calls_in.fetch_add(1, Ordering::SeqCst);
+            async move {
+                let token = sent_token(&request);
+                // The bound turns a broken single flight into a failure, not a hang.
+                if token == "token-1"
+                    && tokio::time::timeout(Duration::from_secs(10), barrier.wait())
+                        .await
+                        .is_err()
+                {
+                    return Ok(Response::new("barrier timed out".to_owned()));
+                }
+                let mut response = Response::new(token.clone());
+                *response.status_mut() = reject_first_token(&token);
+                Ok::<_, Infallible>(response)
+            }
+        });
+        let client = BlazeAuth::new(service, source.clone(), "S");
+        let tasks: Vec<_> = (0..100)
+            .map(|_| tokio::spawn(client.clone().oneshot(get())))
+            .collect();
+        for task in tasks {
+            let response = task.await.unwrap().unwrap();
+            assert_eq!(response.status(), StatusCode::OK);
+            assert_eq!(response.body(), "token-2");
+        }
+        assert_eq!(source.fetches(), 2);
+        assert_eq!(source.rejected(), ["token-1"]);
+        assert_eq!(calls.load(Ordering::SeqCst), 200);
+    }
+
+    #[tokio::test]
+    async fn a_401_on_an_already_replaced_token_does_not_refresh_again() {
+        let source = TestSource::new();
+        let (service, _) = inner::<String, _>(reject_first_token);
+        let mut client = BlazeAuth::new(service, source.clone(), "S");
+        // Sent with token-1; its 401 arrives only after another request replaced token-1.
+        let late = client.ready().await.unwrap().call(get());
+        let first = client.clone().oneshot(get()).await.unwrap();
+        assert_eq!(first.body(), "token-2");
+        let late = late.await.unwrap();
+        assert_eq!(late.status(), StatusCode::OK);
+        assert_eq!(late.body(), "token-2");
+        assert_eq!(source.fetches(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_dropped_caller_does_not_cancel_the_fetch_for_others() {
+        let source = TestSource::gated();
+        let (service, _) = inner::<String, _>(|_| StatusCode::OK);
+        let mut client = BlazeAuth::new(service, source.clone(), "S");
+        let mut starter = tokio_test::task::spawn(client.ready().await.unwrap().call(get()));
+        assert_pending!(starter.poll());
+        let other = tokio::spawn(client.clone().oneshot(get()));
+        drop(starter);
+        source.open();
+        assert_eq!(other.await.unwrap().unwrap().body(), "token-1");
+
+        // With every caller gone, the fetch still completes and fills the cache.
+        let source = TestSource::gated();
+        let (service, _) = inner::<String, _>(|_| StatusCode::OK);
+        let mut client = BlazeAuth::new(service, source.clone(), "S");
+        let mut only = tokio_test::task::spawn(client.ready().await.unwrap().call(get()));
+        assert_pending!(only.poll());
+        drop(only);
+        source.open();
+        while source.fetches() == 0 {
+            tokio::task::yield_now().await;
+        }
+        tokio::task::yield_now().await;
+        let response = client.oneshot(get()).await.unwrap();
+        assert_eq!(response.body(), "token-1");
+        assert_eq!(source.fetches(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_failed_fetch_fails_every_waiter_and_the_next_request_tries_again() {
+        let source = TestSource::gated();
+        source.set_failing(true);
+        let (service, calls) = inner::<String, _>(|_| StatusCode::OK);
+        let client = BlazeAuth::new(service, source.clone(), "S");
+        let mut waiters: Vec<_> = (0..10)
+            .map(|_| tokio_test::task::spawn(client.clone().oneshot(get())))
+            .collect();
+        for waiter in &mut waiters {
+            assert_pending!(waiter.poll());
+        }
+        source.open();
+        for waiter in waiters {
+            let error = waiter.await.unwrap_err();
+            assert!(error.is_token(), "{error:?}");
+            assert_eq!(error.source().unwrap().to_string(), "fetch 1 failed");
+        }
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            0,
+            "no request is sent without a token"
+        );
+        assert_eq!(source.fetches(), 1);
+
+        source.set_failing(false);
+        let response = client.oneshot(get()).await.unwrap();
+        assert_eq!(response.body(), "token-2");
+        assert_eq!(source.fetches(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_panicking_source_is_an_error_not_a_stuck_cache() {
+        let panicked = Arc::new(AtomicBool::new(false));
+        let once = Arc::clone(&panicked);
+        let source = crate::token_fn(move |_| {
+            let first = !once.swap(true, Ordering::SeqCst);
+            async move {
+                assert!(!first, "source bug");
+                AccessToken::bearer("ok")
+            }
+        });
+        let (service, _) = inner::<String, _>(|_| StatusCode::OK);
+        let client = BlazeAuth::new(service, source, "S");
+        let error = client.clone().oneshot(get()).await.unwrap_err();
+        assert!(error.is_token());
+        assert_eq!(client.oneshot(get()).await.unwrap().body(), "ok");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn token_is_refreshed_ahead_of_expiry_without_making_requests_wait() {
+        let source = TestSource::expiring(Duration::from_secs(3600));
+        let (service, _) = inner::<String, _>(|_| StatusCode::OK);
+        let client = BlazeAuth::new(service, source.clone(), "S");
+        let body = |client: &BlazeAuth<_>| {
+            let client = client.clone();
+            async move { client.oneshot(get()).await.unwrap().into_body() }
+        };
+        assert_eq!(body(&client).await, "token-1");
+        tokio::time::advance(Duration::from_secs(3600 - 61)).await;
+        assert_eq!(body(&client).await, "token-1");
+        assert_eq!(source.fetches(), 1, "before the margin, no refresh");
+
+        tokio::time::advance(Duration::from_secs(2)).await;
+        // Inside the margin: the cached token is still used, a fetch starts behind it.
+        assert_eq!(body(&client).await, "token-1");
+        tokio::task::yield_now().await;
+        assert_eq!(source.fetches(), 2);
+        assert_eq!(body(&client).await, "token-2");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn margin_of_zero_refreshes_at_expiry_and_not_before() {
+        let source = TestSource::expiring(Duration::from_secs(10));
+        let (service, _) = inner::<String, _>(|_| StatusCode::OK);
+        let layer = BlazeAuthLayer::builder(source.clone())
+            .study("S")
+            .refresh_margin(Duration::ZERO)
+            .build()
+            .unwrap();
+        let client = layer.layer(service);
+        client.clone().oneshot(get()).await.unwrap();
+        tokio::time::advance(Duration::from_millis(9_999)).await;
+        assert_eq!(
+            client.clone().oneshot(get()).await.unwrap().body(),
+            "token-1"
+        );
+        tokio::task::yield_now().await;
+        assert_eq!(source.fetches(), 1);
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert_eq!(client.oneshot(get()).await.unwrap().body(), "token-2");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn margin_is_capped_at_half_the_lifetime() {
+        // A 5 s token with the default 60 s margin is refreshed after 2.5 s, not at once.
+        let source = TestSource::expiring(Duration::from_secs(5));
+        let (service, _) = inner::<String, _>(|_| StatusCode::OK);
+        let client = BlazeAuth::new(service, source.clone(), "S");
+        for _ in 0..10 {
+            client.clone().oneshot(get()).await.unwrap();
+            tokio::time::advance(Duration::from_millis(200)).await;
+        }
+        assert_eq!(source.fetches(), 1);
+        tokio::time::advance(Duration::from_millis(600)).await;
+        client.clone().oneshot(get()).await.unwrap();
+        tokio::task::yield_now().await;
+        assert_eq!(source.fetches(), 2);
+    }
+
+    #[tokio::test]
+    async fn bodies_that_cannot_be_copied_are_not_retried() {
+        type Streaming = StreamBody<
+            futures_util::stream::Empty<Result<http_body::Frame<bytes::Bytes>, Infallible>>,
+        >;
+        let source = TestSource::new();
+        let (service, calls) = inner::<Streaming, _>(|_| StatusCode::UNAUTHORIZED);
+        let layer = BlazeAuthLayer::new(source.clone(), "S").replay(NoReplay);
+        let request = Request::get("/")
+            .body(StreamBody::new(futures_util::stream::empty()))
+            .unwrap();
+        let response = layer.layer(service).oneshot(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        assert_eq!(source.fetches(), 1);
+    }
+
+    #[tokio::test]
+    async fn cloneable_bodies_are_replayed_whole() {
+        let bodies = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let record = Arc::clone(&bodies);
+        let service = service_fn(move |request: Request<Full<bytes::Bytes>>| {
+            let record = Arc::clone(&record);
+            async move {
+                let token = sent_token(&request);
+                let body = request.into_body().collect().await.unwrap().to_bytes();
+                record.lock().unwrap().push(body);
+                let mut response = Response::new(());
+                *response.status_mut() = reject_first_token(&token);
+                Ok::<_, Infallible>(response)
+            }
+        });
+        let client = BlazeAuth::new(service, TestSource::new(), "S");
+        let request = Request::post("/Patient")
+            .body(Full::from("{\"a\":1}"))
+            .unwrap();
+        assert_eq!(
+            client.oneshot(request).await.unwrap().status(),
+            StatusCode::OK
+        );
+        assert_eq!(*bodies.lock().unwrap(), ["{\"a\":1}", "{\"a\":1}"]);
+    }
+
+    #[tokio::test]
+    async fn idempotent_only_does_not_retry_a_post() {
+        let layer = BlazeAuthLayer::builder(TestSource::new())
+            .study("S")
+            .retry_idempotent_only(true)
+            .build()
+            .unwrap();
+        let (service, calls) = inner::<String, _>(reject_first_token);
+        let client = layer.layer(service);
+        let post = Request::post("/Patient").body(String::new()).unwrap();
+        let response = client.clone().oneshot(post).await.unwrap();
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        let put = Request::put("/Patient/1").body(String::new()).unwrap();
+        assert_eq!(client.oneshot(put).await.unwrap().status(), StatusCode::OK);
+    }
+
+    #[tokio::test]
+    async fn backpressure_passes_through_and_the_ready_service_is_called() {
+        let (mock, mut handle) = tower_test::mock::pair::<Request<String>, Response<()>>();
+        let mut client = BlazeAuth::new(mock, TestSource::new(), "S");
+        let mut task = tokio_test::task::spawn(());
+        handle.allow(0);
+        task.enter(|cx, _| assert!(client.poll_ready(cx).is_pending()));
+        handle.allow(1);
+        task.enter(|cx, _| assert_ready_ok!(client.poll_ready(cx)));
+        let response = tokio::spawn(client.call(get()));
+        let (request, send) = handle.next_request().await.unwrap();
+        assert_eq!(request.uri(), "/Patient?researchstudy=S");
+        assert_eq!(sent_token(&request), "token-1");
+        send.send_response(Response::new(()));
+        assert_eq!(response.await.unwrap().unwrap().status(), StatusCode::OK);
+    }
+
+    #[tokio::test]
+    async fn call_uses_the_clone_that_was_polled_ready() {
+        #[derive(Clone)]
+        struct MustBeReady(bool);
+        impl Service<Request<String>> for MustBeReady {
+            type Response = Response<()>;
+            type Error = Infallible;
+            type Future = std::future::Ready<Result<Response<()>, Infallible>>;
+            fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+                self.0 = true;
+                Poll::Ready(Ok(()))
+            }
+            fn call(&mut self, _: Request<String>) -> Self::Future {
+                assert!(std::mem::take(&mut self.0), "called without poll_ready");
+                std::future::ready(Ok(Response::new(())))
+            }
+        }
+        let mut client = BlazeAuth::new(MustBeReady(false), TestSource::new(), "S");
+        for _ in 0..3 {
+            client.ready().await.unwrap().call(get()).await.unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn inner_errors_are_kept_apart_from_token_errors() {
+        let service = service_fn(|_: Request<String>| async {
+            Err::<Response<()>, _>(std::io::Error::other("connection reset"))
+        });
+        let error = BlazeAuth::new(service, TestSource::new(), "S")
+            .oneshot(get())
+            .await
+            .unwrap_err();
+        assert!(error.is_inner() && !error.is_token());
+        assert!(error.source().unwrap().is::<std::io::Error>());
+    }
+
+    #[test]
+    fn debug_shows_no_secret() {
+        let token = AccessToken::bearer("very-secret-token").unwrap();
+        let layer = BlazeAuthLayer::builder(StaticToken::new(token.clone()))
+            .study("S")
+            .partner_id("partner-secret")
+            .build()
+            .unwrap();
+        let service = layer.layer(tower::service_fn(|_: Request<String>| async {
+            Ok::<_, Infallible>(Response::new(()))
+        }));
+        let debug = format!("{layer:?} {service:?} {token:?}");
+        assert!(
+            !debug.contains("very-secret") && !debug.contains("partner-secret"),
+            "{debug}"
+        );
+    }
+
+    #[test]
+    fn services_layers_and_futures_are_send_and_sync() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        type Inner = tower::util::BoxCloneSyncService<Request<String>, Response<()>, BoxError>;
+        assert_send_sync::<BlazeAuthLayer>();
+        assert_send_sync::<BlazeAuth<Inner>>();
+        fn assert_send<T: Send>() {}
+        assert_send::<crate::future::ResponseFuture<Inner, String>>();
+    }
+
+    fn get() -> Request<String> {
+        Request::get("/Patient").body(String::new()).unwrap()
+    }
+}
