@@ -85,6 +85,7 @@ where
                 retry,
                 sent_with: 0,
             },
+            Lookup::Failed(error) => Self::failed(error),
         }
     }
 
@@ -143,6 +144,7 @@ where
                             this.state.set(State::Retry { future });
                         }
                         Lookup::Wait(wait) => this.state.set(State::Refresh { wait }),
+                        Lookup::Failed(error) => return Poll::Ready(Err(error)),
                     }
                 }
                 StateProj::Refresh { wait } => {

@@ -5,7 +5,10 @@ use crate::{
     replay::CloneBody,
     service::BlazeAuth,
     study::ResearchStudy,
-    token::{TokenSource, cache::TokenCache},
+    token::{
+        TokenSource,
+        cache::{CacheConfig, TokenCache},
+    },
 };
 use http::{HeaderMap, HeaderName, HeaderValue, Method, header::AUTHORIZATION, request::Parts};
 use std::{fmt, sync::Arc, time::Duration};
@@ -13,6 +16,9 @@ use tower::Layer;
 
 /// The refresh margin when none is set: see [`Builder::refresh_margin`].
 pub const DEFAULT_REFRESH_MARGIN: Duration = Duration::from_secs(60);
+
+/// The cool-down after a failed fetch when none is set: see [`Builder::fetch_cooldown`].
+pub const DEFAULT_FETCH_COOLDOWN: Duration = Duration::from_secs(1);
 
 /// A [`Layer`] that authenticates every request for the Blaze FHIR API.
 ///
@@ -55,7 +61,10 @@ impl BlazeAuthLayer {
             study: None,
             headers: HeaderMap::new(),
             error: None,
-            refresh_margin: DEFAULT_REFRESH_MARGIN,
+            cache: CacheConfig {
+                refresh_margin: DEFAULT_REFRESH_MARGIN,
+                fetch_cooldown: DEFAULT_FETCH_COOLDOWN,
+            },
             idempotent_only: false,
             replay: CloneBody,
         }
@@ -155,7 +164,7 @@ pub struct Builder<R = CloneBody> {
     study: Option<Result<ResearchStudy, Error>>,
     headers: HeaderMap,
     error: Option<Error>,
-    refresh_margin: Duration,
+    cache: CacheConfig,
     idempotent_only: bool,
     replay: R,
 }
@@ -211,7 +220,21 @@ impl<R> Builder<R> {
     /// under 2 % more token fetches, and leaves a slow token endpoint (with its retries) a
     /// minute to answer before any request has to wait.
     pub fn refresh_margin(mut self, margin: Duration) -> Self {
-        self.refresh_margin = margin;
+        self.cache.refresh_margin = margin;
+        self
+    }
+
+    /// Sets how long after a failed token fetch the next one may start.
+    ///
+    /// Until then, requests that have no valid token fail at once with the last fetch's
+    /// error, so an outage of the token endpoint is not made worse by every request
+    /// hammering it; a token that is still valid stays in use meanwhile. The cool-down
+    /// doubles with each failure in a row, up to 30 s (or this value, if longer), and
+    /// resets with the next token.
+    ///
+    /// Default: [`DEFAULT_FETCH_COOLDOWN`], 1 s.
+    pub fn fetch_cooldown(mut self, cooldown: Duration) -> Self {
+        self.cache.fetch_cooldown = cooldown;
         self
     }
 
@@ -231,7 +254,7 @@ impl<R> Builder<R> {
             study: self.study,
             headers: self.headers,
             error: self.error,
-            refresh_margin: self.refresh_margin,
+            cache: self.cache,
             idempotent_only: self.idempotent_only,
             replay,
         }
@@ -249,7 +272,7 @@ impl<R> Builder<R> {
         }
         let study = self.study.transpose()?;
         let config = Config {
-            cache: Arc::new(TokenCache::new(self.source, self.refresh_margin)),
+            cache: Arc::new(TokenCache::new(self.source, self.cache)),
             study,
             headers: self.headers,
             idempotent_only: self.idempotent_only,
@@ -271,7 +294,7 @@ impl<R: fmt::Debug> fmt::Debug for Builder<R> {
         f.debug_struct("Builder")
             .field("study", &self.study)
             .field("headers", &self.headers)
-            .field("refresh_margin", &self.refresh_margin)
+            .field("cache", &self.cache)
             .field("idempotent_only", &self.idempotent_only)
             .field("replay", &self.replay)
             .finish_non_exhaustive()

@@ -108,7 +108,7 @@ struct ReadmeDoctests;
 
 pub use crate::{
     error::{BoxError, Error},
-    layer::{BlazeAuthLayer, Builder, DEFAULT_REFRESH_MARGIN},
+    layer::{BlazeAuthLayer, Builder, DEFAULT_FETCH_COOLDOWN, DEFAULT_REFRESH_MARGIN},
     replay::{CloneBody, NoReplay, Replay},
     service::BlazeAuth,
     study::ResearchStudy,

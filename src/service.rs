@@ -121,7 +121,7 @@ impl<S: fmt::Debug, R: fmt::Debug> fmt::Debug for BlazeAuth<S, R> {
 mod tests {
     use super::*;
     use crate::{
-        AccessToken, NoReplay, ResearchStudy, StaticToken,
+        AccessToken, DEFAULT_FETCH_COOLDOWN, NoReplay, ResearchStudy, StaticToken,
         test_helpers::{TestSource, inner, reject_first_token, sent_token},
     };
     use http::{HeaderValue, Method, StatusCode, header::AUTHORIZATION};
@@ -451,7 +451,7 @@ mod tests {
         assert_eq!(source.fetches(), 1);
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_failed_fetch_fails_every_waiter_and_the_next_request_tries_again() {
         let source = TestSource::gated();
         source.set_failing(true);
@@ -476,13 +476,73 @@ mod tests {
         );
         assert_eq!(source.fetches(), 1);
 
+        // After the cool-down (1 s by default), the next request fetches again.
         source.set_failing(false);
+        tokio::time::advance(DEFAULT_FETCH_COOLDOWN).await;
         let response = client.oneshot(get()).await.unwrap();
         assert_eq!(response.body(), "token-2");
         assert_eq!(source.fetches(), 2);
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
+    async fn during_the_cool_down_requests_fail_fast_without_fetching() {
+        let source = TestSource::new();
+        source.set_failing(true);
+        let (service, calls) = inner::<String, _>(|_| StatusCode::OK);
+        let client = BlazeAuth::new(service, source.clone(), "S");
+        let mut fetches_seen = Vec::new();
+        // Cool-downs of 1, 2, 4, 8, 16, 30, 30 s: a fetch at each of their ends, no other.
+        for cooldown in [1, 2, 4, 8, 16, 30, 30] {
+            for _ in 0..100 {
+                let error = client.clone().oneshot(get()).await.unwrap_err();
+                assert!(error.is_token());
+            }
+            fetches_seen.push(source.fetches());
+            tokio::time::advance(Duration::from_secs(cooldown) - Duration::from_millis(1)).await;
+            assert!(client.clone().oneshot(get()).await.is_err());
+            assert_eq!(source.fetches(), *fetches_seen.last().unwrap());
+            tokio::time::advance(Duration::from_millis(1)).await;
+        }
+        assert_eq!(fetches_seen, [1, 2, 3, 4, 5, 6, 7]);
+        assert_eq!(calls.load(Ordering::SeqCst), 0);
+        source.set_failing(false);
+        assert_eq!(client.oneshot(get()).await.unwrap().body(), "token-8");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_refresh_ahead_of_expiry_keeps_the_cached_token() {
+        let source = TestSource::expiring(Duration::from_secs(3600));
+        let (service, calls) = inner::<String, _>(|_| StatusCode::OK);
+        let client = BlazeAuth::new(service, source.clone(), "S");
+        client.clone().oneshot(get()).await.unwrap();
+        source.set_failing(true);
+        tokio::time::advance(Duration::from_secs(3600 - 30)).await;
+        // In the margin: every request is served with token-1, one refresh is tried per
+        // cool-down, and none waits for it.
+        for _ in 0..5 {
+            for _ in 0..20 {
+                assert_eq!(
+                    client.clone().oneshot(get()).await.unwrap().body(),
+                    "token-1"
+                );
+                tokio::task::yield_now().await;
+            }
+            tokio::time::advance(Duration::from_millis(900)).await;
+        }
+        assert_eq!(
+            source.fetches(),
+            3,
+            "tried at 0 s, after 1 s and after 2 s more"
+        );
+        source.set_failing(false);
+        tokio::time::advance(Duration::from_secs(4)).await;
+        client.clone().oneshot(get()).await.unwrap();
+        tokio::task::yield_now().await;
+        assert_eq!(client.oneshot(get()).await.unwrap().body(), "token-4");
+        assert_eq!(calls.load(Ordering::SeqCst), 103);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_panicking_source_is_an_error_not_a_stuck_cache() {
         let panicked = Arc::new(AtomicBool::new(false));
         let once = Arc::clone(&panicked);
@@ -497,6 +557,7 @@ mod tests {
         let client = BlazeAuth::new(service, source, "S");
         let error = client.clone().oneshot(get()).await.unwrap_err();
         assert!(error.is_token());
+        tokio::time::advance(DEFAULT_FETCH_COOLDOWN).await;
         assert_eq!(client.oneshot(get()).await.unwrap().body(), "ok");
     }
 

@@ -6,9 +6,13 @@
 //! a task of its own, so a caller that gives up does not cancel it for the others; every waiter
 //! gets its result, success or error.
 //!
-//! A token is refreshed ahead of its expiry: from `refresh_at` (the expiry less the refresh
-//! margin) the first request starts a background fetch while all requests keep using the
-//! cached token until it expires, so no request waits for a routine refresh.
+//! A token is refreshed ahead of its expiry: from its refresh time (the expiry less the
+//! refresh margin) the first request starts a background fetch while all requests keep using
+//! the cached token until it expires, so no request waits for a routine refresh.
+//!
+//! A failed fetch starts a cool-down, doubling with each failure in a row: until it ends,
+//! requests without a valid token get the last error at once instead of a new fetch, and a
+//! failed refresh ahead of expiry is tried again only after it.
 
 use crate::{
     error::{BoxError, Error},
@@ -25,7 +29,7 @@ use std::{
     pin::Pin,
     sync::{
         Arc, Mutex, MutexGuard,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicU64, Ordering},
     },
     task::{Context, Poll},
     time::Duration,
@@ -35,19 +39,39 @@ use tokio::{
     time::Instant,
 };
 
+/// The longest cool-down, unless the configured first one is longer.
+const MAX_COOLDOWN: Duration = Duration::from_secs(30);
+
+/// How a cache refreshes tokens and backs off after failures.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct CacheConfig {
+    pub(crate) refresh_margin: Duration,
+    pub(crate) fetch_cooldown: Duration,
+}
+
 /// The cached token of one layer (and of every service and clone made from it).
 pub(crate) struct TokenCache {
     source: Box<dyn TokenSource>,
     current: ArcSwapOption<Entry>,
     flight: Mutex<Flight>,
-    refresh_margin: Duration,
+    config: CacheConfig,
+    /// Origin of the nanosecond timestamps in [`Entry::refresh_at`].
+    epoch: Instant,
 }
 
 #[derive(Default)]
 struct Flight {
     /// The fetch under way and a handle telling whether its task is still alive.
     pending: Option<(TokenWait, AbortHandle)>,
+    /// The last fetch failed: its error stands for every fetch until the cool-down ends.
+    failure: Option<Failure>,
     next_id: u64,
+}
+
+struct Failure {
+    error: SharedError,
+    until: Instant,
+    in_a_row: u32,
 }
 
 /// A token in the cache.
@@ -55,10 +79,13 @@ pub(crate) struct Entry {
     token: AccessToken,
     /// Tells this entry apart from every other of its cache: a 401 names the entry it hit.
     id: u64,
-    refresh_at: Option<Instant>,
-    /// Set once a request has started the refresh ahead of expiry, so no other starts one.
-    refreshing: AtomicBool,
+    /// When to refresh ahead of expiry, in nanoseconds since the cache's epoch. The request
+    /// that swaps in [`CLAIMED`] starts the refresh; a failed refresh sets a later time.
+    refresh_at: AtomicU64,
 }
+
+/// [`Entry::refresh_at`] of an entry whose refresh is under way, or that never expires.
+const CLAIMED: u64 = u64::MAX;
 
 /// The token one request is sent with.
 pub(crate) struct Credential {
@@ -69,18 +96,20 @@ pub(crate) struct Credential {
 pub(crate) enum Lookup {
     Ready(Credential),
     Wait(TokenWait),
+    Failed(Error),
 }
 
 type SharedError = Arc<dyn StdError + Send + Sync>;
 type FetchResult = Result<Arc<Entry>, SharedError>;
 
 impl TokenCache {
-    pub(crate) fn new(source: Box<dyn TokenSource>, refresh_margin: Duration) -> Self {
+    pub(crate) fn new(source: Box<dyn TokenSource>, config: CacheConfig) -> Self {
         Self {
             source,
             current: ArcSwapOption::empty(),
             flight: Mutex::default(),
-            refresh_margin,
+            config,
+            epoch: Instant::now(),
         }
     }
 
@@ -88,13 +117,14 @@ impl TokenCache {
     /// that replaces it.
     pub(crate) fn get(self: &Arc<Self>) -> Lookup {
         if let Some(entry) = &*self.current.load() {
-            if entry.token.expires_at().is_none() {
+            let Some(expires_at) = entry.token.expires_at() else {
                 return Lookup::Ready(entry.credential());
-            }
+            };
             let now = Instant::now();
-            if entry.is_valid_at(now) {
-                if entry.wants_refresh_at(now) {
-                    self.refresh_ahead(entry);
+            if now < expires_at {
+                let refresh_at = entry.refresh_at.load(Ordering::Acquire);
+                if self.nanos(now) >= refresh_at {
+                    self.refresh_ahead(entry, refresh_at);
                 }
                 return Lookup::Ready(entry.credential());
             }
@@ -112,30 +142,40 @@ impl TokenCache {
 
     fn renew(self: &Arc<Self>, rejected: Option<u64>) -> Lookup {
         let mut flight = self.lock();
+        let now = Instant::now();
         let mut rejected_token = None;
         if let Some(entry) = self.current.load_full() {
             if Some(entry.id) == rejected {
                 self.current.store(None);
                 rejected_token = Some(entry.token.clone());
-            } else if entry.is_valid_at(Instant::now()) {
+            } else if entry.token.expires_at().is_none_or(|at| now < at) {
                 return Lookup::Ready(entry.credential());
             }
         }
         match &flight.pending {
+            Some((wait, task)) if !task.is_finished() => return Lookup::Wait(wait.clone()),
             // A fetch task that ended without clearing `pending` was cancelled (its runtime
             // shut down): start another rather than hand out its error forever.
-            Some((wait, task)) if !task.is_finished() => Lookup::Wait(wait.clone()),
-            _ => Lookup::Wait(self.start(&mut flight, rejected_token)),
+            _ => {}
         }
+        if let Some(failure) = flight.failure.as_ref().filter(|f| now < f.until) {
+            return Lookup::Failed(Error::token(Arc::clone(&failure.error)));
+        }
+        Lookup::Wait(self.start(&mut flight, rejected_token))
     }
 
-    fn refresh_ahead(self: &Arc<Self>, entry: &Entry) {
-        if entry.refreshing.swap(true, Ordering::AcqRel) {
-            return;
-        }
-        let mut flight = self.lock();
-        if flight.pending.is_none() {
-            self.start(&mut flight, None);
+    /// Starts the refresh ahead of expiry, unless another request did (or is in the way of
+    /// doing so) since `refresh_at` was read.
+    fn refresh_ahead(self: &Arc<Self>, entry: &Entry, refresh_at: u64) {
+        let claimed = entry
+            .refresh_at
+            .compare_exchange(refresh_at, CLAIMED, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok();
+        if claimed {
+            let mut flight = self.lock();
+            if flight.pending.is_none() {
+                self.start(&mut flight, None);
+            }
         }
     }
 
@@ -161,26 +201,59 @@ impl TokenCache {
     fn finish(&self, result: Result<AccessToken, BoxError>) -> FetchResult {
         let mut flight = self.lock();
         flight.pending = None;
+        let now = Instant::now();
         match result {
             Ok(token) => {
+                flight.failure = None;
                 flight.next_id += 1;
-                let entry = Arc::new(Entry::new(
-                    token,
-                    flight.next_id,
-                    self.refresh_margin,
-                    Instant::now(),
-                ));
+                let entry = Arc::new(self.entry(token, flight.next_id, now));
                 self.current.store(Some(Arc::clone(&entry)));
                 Ok(entry)
             }
             Err(error) => {
-                // Let the next request try again.
+                let error = SharedError::from(error);
+                let in_a_row = flight.failure.as_ref().map_or(1, |f| f.in_a_row + 1);
+                let until = now + self.cooldown(in_a_row);
+                flight.failure = Some(Failure {
+                    error: Arc::clone(&error),
+                    until,
+                    in_a_row,
+                });
+                // A still-valid token stays in use; its refresh is tried again after the
+                // cool-down.
                 if let Some(entry) = &*self.current.load() {
-                    entry.refreshing.store(false, Ordering::Release);
+                    entry.refresh_at.store(self.nanos(until), Ordering::Release);
                 }
-                Err(Arc::from(error))
+                Err(error)
             }
         }
+    }
+
+    fn entry(&self, token: AccessToken, id: u64, now: Instant) -> Entry {
+        // The margin never takes more than half the token's lifetime: a token that lives
+        // 5 s must not be refreshed on every request because the margin is 60 s.
+        let refresh_at = token.expires_at().map_or(CLAIMED, |expires_at| {
+            let lifetime = expires_at.saturating_duration_since(now);
+            self.nanos(expires_at - self.config.refresh_margin.min(lifetime / 2))
+        });
+        Entry {
+            token,
+            id,
+            refresh_at: AtomicU64::new(refresh_at),
+        }
+    }
+
+    /// The cool-down after `in_a_row` failed fetches: the configured one, doubled for each
+    /// failure after the first, up to [`MAX_COOLDOWN`].
+    fn cooldown(&self, in_a_row: u32) -> Duration {
+        let first = self.config.fetch_cooldown;
+        let doubled = first.saturating_mul(1 << in_a_row.saturating_sub(1).min(16));
+        doubled.min(MAX_COOLDOWN.max(first))
+    }
+
+    fn nanos(&self, at: Instant) -> u64 {
+        let nanos = at.saturating_duration_since(self.epoch).as_nanos();
+        u64::try_from(nanos).unwrap_or(CLAIMED)
     }
 
     fn lock(&self) -> MutexGuard<'_, Flight> {
@@ -194,37 +267,12 @@ impl fmt::Debug for TokenCache {
         let current = self.current.load();
         f.debug_struct("TokenCache")
             .field("token", &current.as_ref().map(|entry| &entry.token))
-            .field("refresh_margin", &self.refresh_margin)
+            .field("config", &self.config)
             .finish_non_exhaustive()
     }
 }
 
 impl Entry {
-    fn new(token: AccessToken, id: u64, margin: Duration, now: Instant) -> Self {
-        // The margin never takes more than half the token's lifetime: a token that lives
-        // 5 s must not be refreshed on every request because the margin is 60 s.
-        let refresh_at = token.expires_at().map(|expires_at| {
-            let lifetime = expires_at.saturating_duration_since(now);
-            expires_at - margin.min(lifetime / 2)
-        });
-        Self {
-            token,
-            id,
-            refresh_at,
-            refreshing: AtomicBool::new(false),
-        }
-    }
-
-    fn is_valid_at(&self, now: Instant) -> bool {
-        self.token
-            .expires_at()
-            .is_none_or(|expires_at| now < expires_at)
-    }
-
-    fn wants_refresh_at(&self, now: Instant) -> bool {
-        self.refresh_at.is_some_and(|at| now >= at) && !self.refreshing.load(Ordering::Relaxed)
-    }
-
     fn credential(&self) -> Credential {
         Credential {
             header: self.token.header().clone(),
