@@ -15,6 +15,8 @@ pub struct Error {
     source: Option<Source>,
 }
 
+// Some kinds are made only by feature-gated code; the predicates exist with every feature set.
+#[cfg_attr(not(all(feature = "oauth2", feature = "rustls")), allow(dead_code))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
     Inner,
@@ -25,6 +27,11 @@ enum Kind {
     InvalidToken,
     InvalidStudy,
     InvalidHeader,
+    InvalidUrl,
+    InsecureUrl,
+    Tls,
+    NoHttpClient,
+    Env { var: &'static str, missing: bool },
 }
 
 /// A cause, owned by this error or shared with the other waiters of one token fetch.
@@ -70,6 +77,31 @@ impl Error {
         Self::new(Kind::InvalidHeader, source.map(Source::Owned))
     }
 
+    #[cfg(feature = "oauth2")]
+    pub(crate) fn invalid_url(source: Option<BoxError>) -> Self {
+        Self::new(Kind::InvalidUrl, source.map(Source::Owned))
+    }
+
+    #[cfg(feature = "oauth2")]
+    pub(crate) fn insecure_url() -> Self {
+        Self::new(Kind::InsecureUrl, None)
+    }
+
+    #[cfg(feature = "rustls")]
+    pub(crate) fn tls(source: impl Into<BoxError>) -> Self {
+        Self::new(Kind::Tls, Some(Source::Owned(source.into())))
+    }
+
+    #[cfg(all(feature = "oauth2", not(feature = "rustls")))]
+    pub(crate) fn no_http_client() -> Self {
+        Self::new(Kind::NoHttpClient, None)
+    }
+
+    #[cfg(feature = "oauth2")]
+    pub(crate) fn env(var: &'static str, missing: bool) -> Self {
+        Self::new(Kind::Env { var, missing }, None)
+    }
+
     /// The inner service failed; [`source`](StdError::source) is its error.
     pub fn is_inner(&self) -> bool {
         self.kind == Kind::Inner
@@ -112,11 +144,39 @@ impl Error {
     pub fn is_invalid_header(&self) -> bool {
         self.kind == Kind::InvalidHeader
     }
+
+    /// A URL is not an absolute `http` or `https` URL, or carries user info.
+    pub fn is_invalid_url(&self) -> bool {
+        self.kind == Kind::InvalidUrl
+    }
+
+    /// A URL is plain `http` to a host that is not loopback, and plain `http` was not
+    /// explicitly allowed.
+    pub fn is_insecure_url(&self) -> bool {
+        self.kind == Kind::InsecureUrl
+    }
+
+    /// TLS could not be set up (no usable root certificates, an invalid certificate given).
+    pub fn is_tls(&self) -> bool {
+        self.kind == Kind::Tls
+    }
+
+    /// No HTTP client was given for the token request, and the `rustls` feature that
+    /// provides one is off.
+    pub fn is_no_http_client(&self) -> bool {
+        self.kind == Kind::NoHttpClient
+    }
+
+    /// A required `BLAZE_*` environment variable is not set, or is not valid unicode; the
+    /// message names it.
+    pub fn is_env(&self) -> bool {
+        matches!(self.kind, Kind::Env { .. })
+    }
 }
 
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self.kind {
+        let message = match self.kind {
             Kind::Inner => "inner service failed",
             Kind::Token => "failed to obtain an access token",
             Kind::StudyConflict => "request URI names a different research study",
@@ -125,7 +185,20 @@ impl fmt::Display for Error {
             Kind::InvalidToken => "access token is not a valid header value",
             Kind::InvalidStudy => "invalid research study id",
             Kind::InvalidHeader => "invalid header for the layer",
-        })
+            Kind::InvalidUrl => "invalid URL",
+            Kind::InsecureUrl => "plain http is allowed for loopback hosts only",
+            Kind::Tls => "could not set up TLS",
+            Kind::NoHttpClient => "no HTTP client for the token request",
+            Kind::Env { var, missing } => {
+                let problem = if missing {
+                    "is not set"
+                } else {
+                    "is not valid unicode"
+                };
+                return write!(f, "environment variable {var} {problem}");
+            }
+        };
+        f.write_str(message)
     }
 }
 

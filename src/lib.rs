@@ -88,6 +88,7 @@
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+pub mod blaze;
 mod error;
 mod layer;
 mod macros;
@@ -114,3 +115,7 @@ pub use crate::{
     study::ResearchStudy,
     token::{AccessToken, StaticToken, TokenFn, TokenFuture, TokenSource, token_fn},
 };
+
+#[cfg(feature = "oauth2")]
+#[cfg_attr(docsrs, doc(cfg(feature = "oauth2")))]
+pub use crate::token::oauth2::{BlazeEnv, ClientAuth, ClientCredentials, ClientSecret, TokenError};

@@ -30,6 +30,9 @@
 //! ```
 
 pub(crate) mod cache;
+#[cfg(feature = "oauth2")]
+#[cfg_attr(docsrs, doc(cfg(feature = "oauth2")))]
+pub mod oauth2;
 
 use crate::error::{BoxError, Error};
 use http::HeaderValue;
