@@ -1,0 +1,145 @@
+//! Nothing the crate prints holds a secret: tracing output at TRACE level, errors and their
+//! source chains, and `Debug` of every value involved, through a run with failures.
+#![cfg(all(feature = "oauth2", feature = "rustls"))]
+
+mod support;
+
+use blaze_auth::{BlazeAuthLayer, ClientAuth, ClientCredentials};
+use bytes::Bytes;
+use http::{Request, StatusCode};
+use http_body_util::Full;
+use std::{
+    io::Write,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+use support::{json, serve, token_json};
+use tower::{ServiceBuilder, ServiceExt};
+
+const CLIENT_SECRET: &str = "cl1ent-s3cret-value";
+
+/// Everything a test writes through `tracing`.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut shown = format!("{error} {error:?}");
+    let mut next = error.source();
+    while let Some(error) = next {
+        shown.push_str(&format!(" | {error} {error:?}"));
+        next = error.source();
+    }
+    shown
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn no_secret_in_logs_errors_or_debug() {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    // The token endpoint echoes what it got, fails in every way that repeats input, then
+    // issues tokens; the API rejects the first token once.
+    let server = serve(|request, n| async move {
+        if request.uri.path() == "/token" {
+            let echoed = request.body_str().to_owned();
+            return match n {
+                1 => json(500, &format!("<html>you sent {echoed}</html>")),
+                2 => json(
+                    400,
+                    &format!(r#"{{"error":"invalid_request","error_description":"{echoed}"}}"#),
+                ),
+                3 => json(
+                    200,
+                    &format!(r#"{{"access_token":"leaky-token-1\n","echo":"{echoed}"}}"#),
+                ),
+                _ => token_json(&format!("issued-token-{n}"), 3600),
+            };
+        }
+        let auth = request.headers["authorization"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        if auth.ends_with("issued-token-4") {
+            json(401, r#"{"resourceType":"OperationOutcome"}"#)
+        } else {
+            json(200, "{}")
+        }
+    })
+    .await;
+
+    let mut shown = String::new();
+    for auth in [ClientAuth::Post, ClientAuth::Basic] {
+        let source = ClientCredentials::builder(&server.url("/token"), "id", CLIENT_SECRET)
+            .auth(auth)
+            .max_attempts(1)
+            .build()
+            .unwrap();
+        shown.push_str(&format!("{source:?}"));
+        for _ in 0..3 {
+            if let Err(error) = source.fetch_token().await {
+                shown.push_str(&chain(&error));
+            }
+        }
+    }
+
+    let source = ClientCredentials::builder(&server.url("/token"), "id", CLIENT_SECRET)
+        .backoff(Duration::from_millis(1), Duration::from_millis(2))
+        .build()
+        .unwrap();
+    let layer = BlazeAuthLayer::builder(source)
+        .study("FHIR-T")
+        .build()
+        .unwrap();
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<Full<Bytes>>();
+    let client = ServiceBuilder::new().layer(layer.clone()).service(client);
+    for _ in 0..3 {
+        let request = Request::get(server.url("/api/Patient"))
+            .body(Full::default())
+            .unwrap();
+        match client.clone().oneshot(request).await {
+            Ok(response) => assert_eq!(response.status(), StatusCode::OK),
+            Err(error) => shown.push_str(&chain(&error)),
+        }
+    }
+    shown.push_str(&format!("{layer:?} {client:?}"));
+
+    let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    assert!(
+        logs.contains("token fetch failed"),
+        "tracing was captured: {logs}"
+    );
+    let everything = format!("{shown}\n{logs}");
+    let base64_secret = {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD.encode(format!("id:{CLIENT_SECRET}"))
+    };
+    for secret in [
+        CLIENT_SECRET,
+        "cl1ent-s3cret",
+        &base64_secret,
+        "leaky-token",
+        "issued-token",
+    ] {
+        assert!(
+            !everything.contains(secret),
+            "{secret} leaked:\n{everything}"
+        );
+    }
+}
