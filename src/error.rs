@@ -77,6 +77,10 @@ impl Error {
         Self::new(Kind::InvalidHeader, source.map(Source::Owned))
     }
 
+    pub(crate) fn invalid_origin() -> Self {
+        Self::new(Kind::InvalidUrl, None)
+    }
+
     #[cfg(feature = "oauth2")]
     pub(crate) fn invalid_url(source: Option<BoxError>) -> Self {
         Self::new(Kind::InvalidUrl, source.map(Source::Owned))
@@ -145,7 +149,8 @@ impl Error {
         self.kind == Kind::InvalidHeader
     }
 
-    /// A URL is not an absolute `http` or `https` URL, or carries user info.
+    /// A URL is not an absolute `http` or `https` URL, or carries user info; or an origin
+    /// given to the layer has no scheme or host.
     pub fn is_invalid_url(&self) -> bool {
         self.kind == Kind::InvalidUrl
     }

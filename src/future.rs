@@ -2,9 +2,10 @@
 
 use crate::{
     error::{BoxError, Error},
+    rejection::Verdict,
     token::cache::{Credential, Lookup, TokenCache, TokenWait},
 };
-use http::{Request, Response, StatusCode, header::AUTHORIZATION};
+use http::{Request, Response, header::AUTHORIZATION};
 use pin_project::pin_project;
 use std::{
     fmt,
@@ -89,6 +90,17 @@ where
         }
     }
 
+    /// The inner service's response to a request the layer does not authenticate.
+    pub(crate) fn untouched(future: S::Future) -> Self {
+        Self {
+            state: State::Call { future },
+            inner: None,
+            request: None,
+            retry: None,
+            sent_with: 0,
+        }
+    }
+
     pub(crate) fn failed(error: Error) -> Self {
         Self {
             state: State::Failed { error: Some(error) },
@@ -131,14 +143,18 @@ where
                 }
                 StateProj::Call { future } => {
                     let response = ready!(future.poll(cx)).map_err(Error::inner)?;
-                    if response.status() != StatusCode::UNAUTHORIZED {
+                    if Verdict::of(&response) != Verdict::Refused {
                         return Poll::Ready(Ok(response));
                     }
                     // Without a copy there is nothing to retry: the 401 is the answer.
                     let Some((_, cache)) = this.retry.as_ref() else {
                         return Poll::Ready(Ok(response));
                     };
-                    match cache.reject(*this.sent_with) {
+                    // The storm guard: a new token will not help, the 401 is the answer.
+                    let Some(lookup) = cache.reject(*this.sent_with) else {
+                        return Poll::Ready(Ok(response));
+                    };
+                    match lookup {
                         Lookup::Ready(credential) => {
                             let future = retry(this.inner, this.retry, credential);
                             this.state.set(State::Retry { future });
@@ -179,8 +195,9 @@ fn retry<S, B>(
 where
     S: Service<Request<B>>,
 {
-    let (mut request, _) = retry.take().expect("retry without a copy");
+    let (mut request, cache) = retry.take().expect("retry without a copy");
     authorize(&mut request, credential);
+    cache.count_retry();
     Oneshot::new(inner.take().expect("retry without a service"), request)
 }
 

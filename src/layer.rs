@@ -2,6 +2,7 @@
 
 use crate::{
     error::{BoxError, Error},
+    metrics::Metrics,
     replay::CloneBody,
     service::BlazeAuth,
     study::ResearchStudy,
@@ -10,7 +11,9 @@ use crate::{
         cache::{CacheConfig, TokenCache},
     },
 };
-use http::{HeaderMap, HeaderName, HeaderValue, Method, header::AUTHORIZATION, request::Parts};
+use http::{
+    HeaderMap, HeaderName, HeaderValue, Method, Uri, header::AUTHORIZATION, request::Parts,
+};
 use std::{fmt, sync::Arc, time::Duration};
 use tower::Layer;
 
@@ -19,6 +22,12 @@ pub const DEFAULT_REFRESH_MARGIN: Duration = Duration::from_secs(60);
 
 /// The cool-down after a failed fetch when none is set: see [`Builder::fetch_cooldown`].
 pub const DEFAULT_FETCH_COOLDOWN: Duration = Duration::from_secs(1);
+
+/// The limit on one token fetch when none is set: see [`Builder::fetch_timeout`].
+pub const DEFAULT_FETCH_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The storm guard's window when none is set: see [`Builder::storm_window`].
+pub const DEFAULT_STORM_WINDOW: Duration = Duration::from_secs(30);
 
 /// A [`Layer`] that authenticates every request for the Blaze FHIR API.
 ///
@@ -34,6 +43,8 @@ pub struct BlazeAuthLayer<R = CloneBody> {
 /// What a layer adds to requests, and the cache its tokens come from.
 pub(crate) struct Config {
     pub(crate) cache: Arc<TokenCache>,
+    /// The origins credentials go to; empty: every origin.
+    origins: Vec<Origin>,
     study: Option<ResearchStudy>,
     headers: HeaderMap,
     idempotent_only: bool,
@@ -59,11 +70,15 @@ impl BlazeAuthLayer {
         Builder {
             source: Box::new(source),
             study: None,
+            origins: Vec::new(),
             headers: HeaderMap::new(),
             error: None,
             cache: CacheConfig {
                 refresh_margin: DEFAULT_REFRESH_MARGIN,
+                refresh_jitter: Duration::ZERO,
                 fetch_cooldown: DEFAULT_FETCH_COOLDOWN,
+                fetch_timeout: DEFAULT_FETCH_TIMEOUT,
+                storm_window: DEFAULT_STORM_WINDOW,
             },
             idempotent_only: false,
             replay: CloneBody,
@@ -72,6 +87,13 @@ impl BlazeAuthLayer {
 }
 
 impl<R> BlazeAuthLayer<R> {
+    /// What the token cache has done so far: fetches, failures, retries, storm-guard skips,
+    /// and the current token's age and lifetime. Shared by every service made from this
+    /// layer.
+    pub fn metrics(&self) -> Metrics {
+        self.config.cache.metrics()
+    }
+
     /// Sets how request bodies are kept for the retry after a 401 (see [`crate::replay`]).
     /// The default, [`CloneBody`], clones them.
     pub fn replay<R2>(self, replay: R2) -> BlazeAuthLayer<R2> {
@@ -108,7 +130,40 @@ impl<R: fmt::Debug> fmt::Debug for BlazeAuthLayer<R> {
     }
 }
 
+/// Scheme, host and port, the port made explicit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Origin {
+    scheme: Box<str>,
+    host: Box<str>,
+    port: u16,
+}
+
+impl Origin {
+    fn of(uri: &Uri) -> Option<Self> {
+        let scheme = uri.scheme_str()?.to_ascii_lowercase();
+        let port = uri.port_u16().or(match scheme.as_str() {
+            "https" => Some(443),
+            "http" => Some(80),
+            _ => None,
+        })?;
+        Some(Self {
+            host: uri.host()?.to_ascii_lowercase().into(),
+            scheme: scheme.into(),
+            port,
+        })
+    }
+}
+
 impl Config {
+    /// Whether requests to `uri` get credentials: relative URIs do (the inner service picks
+    /// their origin, as a tonic channel does); absolute ones only to a configured origin.
+    pub(crate) fn authenticates(&self, uri: &Uri) -> bool {
+        if self.origins.is_empty() || uri.scheme().is_none() {
+            return true;
+        }
+        Origin::of(uri).is_some_and(|origin| self.origins.contains(&origin))
+    }
+
     /// Whether a request with this method may be sent a second time.
     pub(crate) fn retries(&self, method: &Method) -> bool {
         !self.idempotent_only || method.is_idempotent()
@@ -133,6 +188,7 @@ impl fmt::Debug for Config {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Config")
             .field("cache", &self.cache)
+            .field("origins", &self.origins)
             .field("study", &self.study)
             .field("headers", &self.headers)
             .field("idempotent_only", &self.idempotent_only)
@@ -162,6 +218,7 @@ impl fmt::Debug for Config {
 pub struct Builder<R = CloneBody> {
     source: Box<dyn TokenSource>,
     study: Option<Result<ResearchStudy, Error>>,
+    origins: Vec<Origin>,
     headers: HeaderMap,
     error: Option<Error>,
     cache: CacheConfig,
@@ -176,6 +233,26 @@ impl<R> Builder<R> {
     pub fn study(mut self, id: &str) -> Self {
         self.study = Some(ResearchStudy::new(id));
         self
+    }
+
+    /// Adds an origin (scheme, host and port of `url`; its path is ignored) that requests
+    /// get credentials for. Default: none, and every request gets them.
+    ///
+    /// Once one is set, a request whose absolute URI has another origin passes through
+    /// untouched: no token, no `researchstudy`, no fixed headers. That keeps credentials
+    /// from following a redirect to another host (put this layer inside tower-http's
+    /// `FollowRedirectLayer`, so that it sees every hop) and makes the layer safe on a client
+    /// shared with other APIs. Requests with a relative URI (as a tonic channel sends them)
+    /// are always authenticated: the inner service decides where they go.
+    /// [`BlazeEnv::layer`](crate::BlazeEnv::layer) sets `BLAZE_BASE_URL`'s origin.
+    pub fn origin(mut self, url: &str) -> Self {
+        match url.parse::<Uri>().ok().as_ref().and_then(Origin::of) {
+            Some(origin) => {
+                self.origins.push(origin);
+                self
+            }
+            None => self.fail(Error::invalid_origin()),
+        }
     }
 
     /// Sets Blaze v2's `x-partnerid` header, sent with every request. Default: not sent.
@@ -238,6 +315,40 @@ impl<R> Builder<R> {
         self
     }
 
+    /// Adds a random extra margin, between zero and `jitter`, to each token's refresh time,
+    /// so that many clients that got their tokens together do not all refresh together.
+    /// The margin with its jitter stays capped at half the token's lifetime. Default: zero.
+    pub fn refresh_jitter(mut self, jitter: Duration) -> Self {
+        self.cache.refresh_jitter = jitter;
+        self
+    }
+
+    /// Sets the longest one token fetch may take, whatever the source does; a fetch that
+    /// takes longer fails every request waiting for it. The limit belongs to the fetch, not
+    /// to a caller: a request that gives up neither shortens nor cancels it.
+    ///
+    /// Default: [`DEFAULT_FETCH_TIMEOUT`], 60 s: [`ClientCredentials`](crate::ClientCredentials)
+    /// with its defaults gives up within about 31 s by itself.
+    pub fn fetch_timeout(mut self, timeout: Duration) -> Self {
+        self.cache.fetch_timeout = timeout;
+        self
+    }
+
+    /// Sets the storm guard's window.
+    ///
+    /// The first 401 on a token makes the layer fetch a new one and retry. If a token fetched
+    /// that way is refused too within this window, a new token is evidently not what the
+    /// server wants (Blaze answers 401 to a wrong `x-partnerid` as well): until the window
+    /// ends, 401s on that token go to their callers without another fetch, so a
+    /// misconfiguration cannot make every request hit the token endpoint. Zero turns the
+    /// guard off.
+    ///
+    /// Default: [`DEFAULT_STORM_WINDOW`], 30 s.
+    pub fn storm_window(mut self, window: Duration) -> Self {
+        self.cache.storm_window = window;
+        self
+    }
+
     /// Sets whether only requests with an idempotent method (GET, HEAD, PUT, DELETE,
     /// OPTIONS, TRACE) are retried after a 401. Default: `false`, every method is: Blaze has
     /// not acted on a request it answered 401.
@@ -252,6 +363,7 @@ impl<R> Builder<R> {
         Builder {
             source: self.source,
             study: self.study,
+            origins: self.origins,
             headers: self.headers,
             error: self.error,
             cache: self.cache,
@@ -273,6 +385,7 @@ impl<R> Builder<R> {
         let study = self.study.transpose()?;
         let config = Config {
             cache: Arc::new(TokenCache::new(self.source, self.cache)),
+            origins: self.origins,
             study,
             headers: self.headers,
             idempotent_only: self.idempotent_only,

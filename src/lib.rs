@@ -92,6 +92,8 @@ pub mod blaze;
 mod error;
 mod layer;
 mod macros;
+mod metrics;
+mod rejection;
 pub mod replay;
 mod service;
 mod study;
@@ -109,7 +111,11 @@ struct ReadmeDoctests;
 
 pub use crate::{
     error::{BoxError, Error},
-    layer::{BlazeAuthLayer, Builder, DEFAULT_FETCH_COOLDOWN, DEFAULT_REFRESH_MARGIN},
+    layer::{
+        BlazeAuthLayer, Builder, DEFAULT_FETCH_COOLDOWN, DEFAULT_FETCH_TIMEOUT,
+        DEFAULT_REFRESH_MARGIN, DEFAULT_STORM_WINDOW,
+    },
+    metrics::Metrics,
     replay::{CloneBody, NoReplay, Replay},
     service::BlazeAuth,
     study::ResearchStudy,

@@ -4,6 +4,7 @@ use crate::{
     error::{BoxError, Error},
     future::ResponseFuture,
     layer::{BlazeAuthLayer, Config},
+    metrics::Metrics,
     replay::{CloneBody, Replay},
     token::TokenSource,
 };
@@ -56,6 +57,11 @@ impl<S, R> BlazeAuth<S, R> {
         }
     }
 
+    /// What the layer's token cache has done so far; see [`BlazeAuthLayer::metrics`].
+    pub fn metrics(&self) -> Metrics {
+        self.config.cache.metrics()
+    }
+
     crate::macros::define_inner_service_accessors!();
 }
 
@@ -77,9 +83,13 @@ where
         // `self.inner` was polled ready, a clone of it may not be: call the ready one and
         // keep the clone (see tower-service's docs on `Service::call` and cloning).
         let not_ready_inner = self.inner.clone();
-        let ready_inner = std::mem::replace(&mut self.inner, not_ready_inner);
+        let mut ready_inner = std::mem::replace(&mut self.inner, not_ready_inner);
 
         let (mut parts, body) = request.into_parts();
+        if !self.config.authenticates(&parts.uri) {
+            let request = Request::from_parts(parts, self.replay.once(body));
+            return ResponseFuture::untouched(ready_inner.call(request));
+        }
         if let Err(error) = self.config.prepare(&mut parts) {
             return ResponseFuture::failed(error);
         }
@@ -761,6 +771,273 @@ mod tests {
         assert_send_sync::<BlazeAuth<Inner>>();
         fn assert_send<T: Send>() {}
         assert_send::<crate::future::ResponseFuture<Inner, String>>();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ten_thousand_401s_cause_a_handful_of_fetches() {
+        // A 401 no token can fix (Blaze says 401 to a wrong x-partnerid too).
+        let source = TestSource::new();
+        let (service, calls) = inner::<String, _>(|_| StatusCode::UNAUTHORIZED);
+        let client = BlazeAuth::new(service, source.clone(), "S");
+        let first = client.clone().oneshot(get()).await.unwrap();
+        assert_eq!(first.status(), StatusCode::UNAUTHORIZED);
+        let tasks: Vec<_> = (0..10_000)
+            .map(|_| tokio::spawn(client.clone().oneshot(get())))
+            .collect();
+        for task in tasks {
+            assert_eq!(
+                task.await.unwrap().unwrap().status(),
+                StatusCode::UNAUTHORIZED
+            );
+        }
+        assert_eq!(source.fetches(), 2, "the first token and one refresh");
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            10_002,
+            "one retry, for the first request"
+        );
+        let metrics = client.metrics();
+        assert_eq!((metrics.token_fetches, metrics.retries), (2, 1));
+        assert_eq!(metrics.refreshes_skipped, 10_000);
+
+        // After the window, a 401 may be fixable again: one more refresh and retry.
+        tokio::time::advance(crate::DEFAULT_STORM_WINDOW).await;
+        client.clone().oneshot(get()).await.unwrap();
+        client.oneshot(get()).await.unwrap();
+        assert_eq!(source.fetches(), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_storm_window_of_zero_refreshes_on_every_first_401() {
+        let layer = BlazeAuthLayer::builder(TestSource::new())
+            .study("S")
+            .storm_window(Duration::ZERO)
+            .build()
+            .unwrap();
+        let (service, calls) = inner::<String, _>(|_| StatusCode::UNAUTHORIZED);
+        let client = layer.layer(service);
+        for _ in 0..3 {
+            client.clone().oneshot(get()).await.unwrap();
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 6);
+        assert_eq!(client.metrics().token_fetches, 4);
+    }
+
+    #[tokio::test]
+    async fn a_challenge_a_new_token_cannot_meet_is_not_retried() {
+        let source = TestSource::new();
+        let service = service_fn(|_: Request<String>| async {
+            let response = Response::builder()
+                .status(StatusCode::UNAUTHORIZED)
+                .header(
+                    "www-authenticate",
+                    r#"Bearer error="insufficient_scope", scope="admin""#,
+                )
+                .body(String::new());
+            Ok::<_, Infallible>(response.unwrap())
+        });
+        let client = BlazeAuth::new(service, source.clone(), "S");
+        let response = client.oneshot(get()).await.unwrap();
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(source.fetches(), 1);
+    }
+
+    #[tokio::test]
+    async fn grpc_unauthenticated_is_refreshed_and_retried() {
+        let source = TestSource::new();
+        let service = service_fn(|request: Request<String>| async move {
+            let mut response = Response::new(sent_token(&request));
+            if response.body() == "token-1" {
+                response
+                    .headers_mut()
+                    .insert("grpc-status", HeaderValue::from_static("16"));
+            }
+            Ok::<_, Infallible>(response)
+        });
+        let client = BlazeAuth::new(service, source.clone(), "S");
+        let response = client.oneshot(get()).await.unwrap();
+        assert_eq!(response.body(), "token-2");
+        assert!(response.headers().get("grpc-status").is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hanging_source_fails_its_waiters_at_the_fetch_timeout() {
+        let source = crate::token_fn(|_| std::future::pending::<Result<AccessToken, Error>>());
+        let layer = BlazeAuthLayer::builder(source)
+            .study("S")
+            .fetch_timeout(Duration::from_secs(5))
+            .build()
+            .unwrap();
+        let (service, calls) = inner::<String, _>(|_| StatusCode::OK);
+        let client = layer.layer(service);
+        let started = tokio::time::Instant::now();
+        let waiters: Vec<_> = (0..3)
+            .map(|_| tokio::spawn(client.clone().oneshot(get())))
+            .collect();
+        for waiter in waiters {
+            let error = waiter.await.unwrap().unwrap_err();
+            assert_eq!(error.source().unwrap().to_string(), "token fetch timed out");
+        }
+        assert_eq!(started.elapsed(), Duration::from_secs(5));
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            0,
+            "fail closed: nothing sent without a token"
+        );
+        assert_eq!(client.metrics().fetch_failures, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn refresh_jitter_adds_to_the_margin_within_its_bound() {
+        for _ in 0..20 {
+            let source = TestSource::expiring(Duration::from_secs(3600));
+            let layer = BlazeAuthLayer::builder(source.clone())
+                .study("S")
+                .refresh_jitter(Duration::from_secs(10))
+                .build()
+                .unwrap();
+            let (service, _) = inner::<String, _>(|_| StatusCode::OK);
+            let client = layer.layer(service);
+            client.clone().oneshot(get()).await.unwrap();
+            tokio::time::advance(Duration::from_secs(3600 - 70) - Duration::from_millis(1)).await;
+            client.clone().oneshot(get()).await.unwrap();
+            tokio::task::yield_now().await;
+            assert_eq!(source.fetches(), 1, "not before margin + jitter");
+            tokio::time::advance(Duration::from_secs(10)).await;
+            client.clone().oneshot(get()).await.unwrap();
+            tokio::task::yield_now().await;
+            assert_eq!(source.fetches(), 2, "by the margin at the latest");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn metrics_report_the_token_age_and_lifetime() {
+        let source = TestSource::expiring(Duration::from_secs(3600));
+        let (service, _) = inner::<String, _>(reject_first_token);
+        let client = BlazeAuth::new(service, source, "S");
+        assert_eq!(client.metrics(), crate::Metrics::default());
+        client.clone().oneshot(get()).await.unwrap();
+        tokio::time::advance(Duration::from_secs(10)).await;
+        let metrics = client.metrics();
+        assert_eq!(
+            (
+                metrics.token_fetches,
+                metrics.retries,
+                metrics.fetch_failures
+            ),
+            (2, 1, 0)
+        );
+        assert_eq!(metrics.token_age, Some(Duration::from_secs(10)));
+        assert_eq!(metrics.token_lifetime, Some(Duration::from_secs(3600)));
+    }
+
+    #[tokio::test]
+    async fn credentials_go_only_to_the_configured_origin() {
+        let layer = BlazeAuthLayer::builder(TestSource::new())
+            .study("S")
+            .partner_id("p")
+            .origin("https://blaze.example")
+            .build()
+            .unwrap();
+        let client = layer.layer(service_fn(|request: Request<String>| async move {
+            Ok::<_, Infallible>(Response::new(request))
+        }));
+        let seen = |uri: &'static str| {
+            let client = client.clone();
+            async move {
+                let request = Request::get(uri).body(String::new()).unwrap();
+                client.oneshot(request).await.unwrap().into_body()
+            }
+        };
+        for ours in [
+            "https://blaze.example/api/Patient",
+            "https://BLAZE.example:443/api/Patient",
+            "/api/Patient",
+        ] {
+            let request = seen(ours).await;
+            assert_eq!(sent_token(&request), "token-1", "{ours}");
+            assert!(request.uri().query().unwrap().contains("researchstudy=S"));
+        }
+        for foreign in [
+            "https://evil.example/api/Patient",
+            "http://blaze.example/api/Patient",
+            "https://blaze.example:8443/api/Patient",
+            "https://blaze.example.evil.example/api/Patient",
+        ] {
+            let request = seen(foreign).await;
+            assert_eq!(request.uri(), foreign, "untouched");
+            assert!(
+                request.headers().is_empty(),
+                "{foreign}: {:?}",
+                request.headers()
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_redirect_to_another_origin_carries_no_credentials() {
+        use tower_http::follow_redirect::FollowRedirectLayer;
+        let hops = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let record = Arc::clone(&hops);
+        let servers = service_fn(move |request: Request<String>| {
+            let auth = request.headers().get(AUTHORIZATION).cloned();
+            let partner = request.headers().get("x-partnerid").cloned();
+            record
+                .lock()
+                .unwrap()
+                .push((request.uri().to_string(), auth, partner));
+            let redirect = request.uri().host() == Some("blaze.example");
+            async move {
+                let mut response = Response::new(String::new());
+                if redirect {
+                    *response.status_mut() = StatusCode::FOUND;
+                    response.headers_mut().insert(
+                        "location",
+                        HeaderValue::from_static("https://elsewhere.example/x?y=1"),
+                    );
+                }
+                Ok::<_, Infallible>(response)
+            }
+        });
+        let layer = BlazeAuthLayer::builder(TestSource::new())
+            .study("S")
+            .partner_id("p")
+            .origin("https://blaze.example")
+            .build()
+            .unwrap();
+        let client = ServiceBuilder::new()
+            .layer(FollowRedirectLayer::new())
+            .layer(layer)
+            .service(servers);
+        let request = Request::get("https://blaze.example/api/Patient")
+            .body(String::new())
+            .unwrap();
+        assert_eq!(
+            client.oneshot(request).await.unwrap().status(),
+            StatusCode::OK
+        );
+        let hops = hops.lock().unwrap();
+        assert_eq!(hops.len(), 2);
+        assert_eq!(
+            hops[0].0,
+            "https://blaze.example/api/Patient?researchstudy=S"
+        );
+        assert!(hops[0].1.is_some() && hops[0].2.is_some());
+        assert_eq!(
+            hops[1],
+            ("https://elsewhere.example/x?y=1".to_owned(), None, None)
+        );
+    }
+
+    #[test]
+    fn an_origin_without_scheme_or_host_is_rejected() {
+        for bad in ["blaze.example", "/path", "not a url", "ftp:/x"] {
+            let error = BlazeAuthLayer::builder(TestSource::new())
+                .origin(bad)
+                .build()
+                .unwrap_err();
+            assert!(error.is_invalid_url(), "{bad}");
+        }
     }
 
     fn get() -> Request<String> {

@@ -16,6 +16,7 @@
 
 use crate::{
     error::{BoxError, Error},
+    metrics::Metrics,
     token::{AccessToken, TokenSource},
 };
 use arc_swap::ArcSwapOption;
@@ -29,7 +30,7 @@ use std::{
     pin::Pin,
     sync::{
         Arc, Mutex, MutexGuard,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     task::{Context, Poll},
     time::Duration,
@@ -46,7 +47,10 @@ const MAX_COOLDOWN: Duration = Duration::from_secs(30);
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct CacheConfig {
     pub(crate) refresh_margin: Duration,
+    pub(crate) refresh_jitter: Duration,
     pub(crate) fetch_cooldown: Duration,
+    pub(crate) fetch_timeout: Duration,
+    pub(crate) storm_window: Duration,
 }
 
 /// The cached token of one layer (and of every service and clone made from it).
@@ -57,6 +61,15 @@ pub(crate) struct TokenCache {
     config: CacheConfig,
     /// Origin of the nanosecond timestamps in [`Entry::refresh_at`].
     epoch: Instant,
+    counters: Counters,
+}
+
+#[derive(Default)]
+struct Counters {
+    fetches: AtomicU64,
+    failures: AtomicU64,
+    retries: AtomicU64,
+    skipped: AtomicU64,
 }
 
 #[derive(Default)]
@@ -82,6 +95,12 @@ pub(crate) struct Entry {
     /// When to refresh ahead of expiry, in nanoseconds since the cache's epoch. The request
     /// that swaps in [`CLAIMED`] starts the refresh; a failed refresh sets a later time.
     refresh_at: AtomicU64,
+    issued_at: Instant,
+    /// Fetched because the server refused the token before: if this one is refused too,
+    /// soon, a new token is not what the server wants (see `storm_window`).
+    after_rejection: bool,
+    /// Whether the storm guard has said so in the log for this token.
+    storm_logged: AtomicBool,
 }
 
 /// [`Entry::refresh_at`] of an entry whose refresh is under way, or that never expires.
@@ -110,6 +129,7 @@ impl TokenCache {
             flight: Mutex::default(),
             config,
             epoch: Instant::now(),
+            counters: Counters::default(),
         }
     }
 
@@ -132,12 +152,18 @@ impl TokenCache {
         self.renew(None)
     }
 
-    /// The token to retry with after the server rejected the one with id `rejected`.
+    /// The token to retry with after the server rejected the one with id `rejected`, or
+    /// `None` if the storm guard says a new token will not help: the 401 is the answer.
     ///
     /// Only the first rejection of the cached token fetches a new one; a request that was
     /// sent with an older token gets the current one, or joins the fetch under way.
-    pub(crate) fn reject(self: &Arc<Self>, rejected: u64) -> Lookup {
-        self.renew(Some(rejected))
+    pub(crate) fn reject(self: &Arc<Self>, rejected: u64) -> Option<Lookup> {
+        if let Some(entry) = &*self.current.load() {
+            if entry.id == rejected && self.in_storm(entry, Instant::now()) {
+                return None;
+            }
+        }
+        Some(self.renew(Some(rejected)))
     }
 
     fn renew(self: &Arc<Self>, rejected: Option<u64>) -> Lookup {
@@ -164,6 +190,49 @@ impl TokenCache {
         Lookup::Wait(self.start(&mut flight, rejected_token))
     }
 
+    /// Whether refusing `entry` is part of a storm that new tokens do not calm: it was itself
+    /// fetched after a refusal, and not long ago. Counts and logs the refusal if so.
+    fn in_storm(&self, entry: &Entry, now: Instant) -> bool {
+        if !entry.after_rejection || now >= entry.issued_at + self.config.storm_window {
+            return false;
+        }
+        self.counters.skipped.fetch_add(1, Ordering::Relaxed);
+        if !entry.storm_logged.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                window_s = self.config.storm_window.as_secs(),
+                "a token fetched after a 401 was refused too: returning 401s without a new token for the rest of the window"
+            );
+        }
+        true
+    }
+
+    /// Counts a request sent again after a 401.
+    pub(crate) fn count_retry(&self) {
+        self.counters.retries.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn metrics(&self) -> Metrics {
+        let current = self.current.load();
+        let now = Instant::now();
+        Metrics {
+            token_fetches: self.counters.fetches.load(Ordering::Relaxed),
+            fetch_failures: self.counters.failures.load(Ordering::Relaxed),
+            retries: self.counters.retries.load(Ordering::Relaxed),
+            refreshes_skipped: self.counters.skipped.load(Ordering::Relaxed),
+            token_age: current
+                .as_ref()
+                .map(|entry| now.saturating_duration_since(entry.issued_at)),
+            token_lifetime: current.as_ref().and_then(|entry| {
+                Some(
+                    entry
+                        .token
+                        .expires_at()?
+                        .saturating_duration_since(entry.issued_at),
+                )
+            }),
+        }
+    }
+
     /// Starts the refresh ahead of expiry, unless another request did (or is in the way of
     /// doing so) since `refresh_at` was read.
     fn refresh_ahead(self: &Arc<Self>, entry: &Entry, refresh_at: u64) {
@@ -184,13 +253,18 @@ impl TokenCache {
             return TokenWait::failed("no Tokio runtime to fetch the token on");
         };
         let cache = Arc::clone(self);
+        self.counters.fetches.fetch_add(1, Ordering::Relaxed);
+        let after_rejection = rejected.is_some();
+        tracing::debug!(after_rejection, "fetching a token");
         let handle = runtime.spawn(async move {
-            // A panicking source is reported like any failed fetch.
+            // A panicking source is reported like any failed fetch; a hanging one times out.
             let fetch = AssertUnwindSafe(cache.source.fetch(rejected.as_ref())).catch_unwind();
-            let result = fetch
-                .await
-                .unwrap_or_else(|_| Err("token source panicked".into()));
-            cache.finish(result)
+            let result = match tokio::time::timeout(cache.config.fetch_timeout, fetch).await {
+                Ok(Ok(result)) => result,
+                Ok(Err(_)) => Err("token source panicked".into()),
+                Err(_) => Err("token fetch timed out".into()),
+            };
+            cache.finish(result, after_rejection)
         });
         let task = handle.abort_handle();
         let wait = TokenWait(FetchTask(Ok(handle)).shared());
@@ -198,7 +272,7 @@ impl TokenCache {
         wait
     }
 
-    fn finish(&self, result: Result<AccessToken, BoxError>) -> FetchResult {
+    fn finish(&self, result: Result<AccessToken, BoxError>, after_rejection: bool) -> FetchResult {
         let mut flight = self.lock();
         flight.pending = None;
         let now = Instant::now();
@@ -206,14 +280,24 @@ impl TokenCache {
             Ok(token) => {
                 flight.failure = None;
                 flight.next_id += 1;
-                let entry = Arc::new(self.entry(token, flight.next_id, now));
+                let entry = Arc::new(self.entry(token, flight.next_id, now, after_rejection));
+                tracing::debug!(
+                    lifetime_s = entry
+                        .token
+                        .expires_at()
+                        .map(|at| at.saturating_duration_since(now).as_secs()),
+                    "token cached"
+                );
                 self.current.store(Some(Arc::clone(&entry)));
                 Ok(entry)
             }
             Err(error) => {
                 let error = SharedError::from(error);
+                self.counters.failures.fetch_add(1, Ordering::Relaxed);
                 let in_a_row = flight.failure.as_ref().map_or(1, |f| f.in_a_row + 1);
-                let until = now + self.cooldown(in_a_row);
+                let cooldown = self.cooldown(in_a_row);
+                tracing::warn!(%error, in_a_row, cooldown_ms = cooldown.as_millis() as u64, "token fetch failed");
+                let until = now + cooldown;
                 flight.failure = Some(Failure {
                     error: Arc::clone(&error),
                     until,
@@ -229,17 +313,23 @@ impl TokenCache {
         }
     }
 
-    fn entry(&self, token: AccessToken, id: u64, now: Instant) -> Entry {
-        // The margin never takes more than half the token's lifetime: a token that lives
-        // 5 s must not be refreshed on every request because the margin is 60 s.
+    fn entry(&self, token: AccessToken, id: u64, now: Instant, after_rejection: bool) -> Entry {
+        // The jitter spreads the refreshes of many clients that fetched at once; the margin
+        // never takes more than half the token's lifetime, so that a token that lives 5 s is
+        // not refreshed on every request because the margin is 60 s.
+        let jitter = self.config.refresh_jitter.mul_f64(fastrand::f64());
         let refresh_at = token.expires_at().map_or(CLAIMED, |expires_at| {
             let lifetime = expires_at.saturating_duration_since(now);
-            self.nanos(expires_at - self.config.refresh_margin.min(lifetime / 2))
+            let margin = self.config.refresh_margin.saturating_add(jitter);
+            self.nanos(expires_at - margin.min(lifetime / 2))
         });
         Entry {
             token,
             id,
             refresh_at: AtomicU64::new(refresh_at),
+            issued_at: now,
+            after_rejection,
+            storm_logged: AtomicBool::new(false),
         }
     }
 

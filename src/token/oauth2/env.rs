@@ -101,9 +101,12 @@ impl BlazeEnv {
             .scope(&self.scope)
     }
 
-    /// A layer builder with the study and, if set, the partner id.
+    /// A layer builder with the study, credentials for `BLAZE_BASE_URL`'s origin only, and
+    /// the partner id if set.
     pub fn layer(&self, source: impl TokenSource + 'static) -> Builder {
-        let builder = crate::BlazeAuthLayer::builder(source).study(&self.research_study);
+        let builder = crate::BlazeAuthLayer::builder(source)
+            .study(&self.research_study)
+            .origin(&self.base_url);
         match &self.partner_id {
             Some(partner_id) => builder.partner_id(partner_id),
             None => builder,
