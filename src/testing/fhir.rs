@@ -351,3 +351,40 @@ fn issue_code(status: StatusCode) -> &'static str {
 
 /// What `metadata` answers: the interactions and search parameters the stand-in supports.
 const CAPABILITY_STATEMENT: &str = r#"{"resourceType":"CapabilityStatement","status":"active","date":"2024-01-01","kind":"instance","software":{"name":"blaze-auth stand-in"},"fhirVersion":"4.0.1","format":["application/fhir+json"],"rest":[{"mode":"server","resource":[{"type":"Patient","interaction":[{"code":"read"},{"code":"search-type"}],"searchParam":[{"name":"_id","type":"token"}]},{"type":"Observation","interaction":[{"code":"read"},{"code":"search-type"}],"searchParam":[{"name":"_id","type":"token"},{"name":"code","type":"token"}]},{"type":"Group","interaction":[{"code":"read"},{"code":"search-type"}],"searchParam":[{"name":"_id","type":"token"}]}]}]}"#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bearer_token_takes_any_case_of_the_scheme_and_nothing_else() {
+        let headers = |value: &'static str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(AUTHORIZATION, HeaderValue::from_static(value));
+            headers
+        };
+        assert_eq!(bearer_token(&headers("Bearer abc")), Some("abc"));
+        assert_eq!(bearer_token(&headers("bearer  abc")), Some("abc"));
+        assert_eq!(bearer_token(&headers("Basic abc")), None);
+        assert_eq!(bearer_token(&headers("Bearer ")), None);
+        assert_eq!(bearer_token(&headers("Bearer")), None);
+        assert_eq!(bearer_token(&HeaderMap::new()), None);
+    }
+
+    #[test]
+    fn positive_param_takes_the_first_value_or_the_default() {
+        let params = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+            pairs
+                .iter()
+                .map(|(name, value)| ((*name).to_owned(), (*value).to_owned()))
+                .collect()
+        };
+        assert_eq!(positive_param(&params(&[]), "page", 1), Some(1));
+        assert_eq!(
+            positive_param(&params(&[("page", "3"), ("page", "x")]), "page", 1),
+            Some(3)
+        );
+        assert_eq!(positive_param(&params(&[("page", "0")]), "page", 1), None);
+        assert_eq!(positive_param(&params(&[("page", "-2")]), "page", 1), None);
+    }
+}
