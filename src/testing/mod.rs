@@ -2,7 +2,7 @@
 //!
 //! [`StandIn`] is a real HTTP/1.1 server on `127.0.0.1`, on a port the system picks. It starts
 //! in a few milliseconds inside the caller's Tokio runtime and stops when dropped. It serves
-//! what a Blaze client meets (see the crate's notes on the Blaze API):
+//! what a Blaze client meets:
 //!
 //! - the OAuth 2.0 token endpoint, [`StandIn::token_url`]: client credentials in the form body
 //!   (`client_secret_post`, as Blaze wants) or in HTTP Basic (`client_secret_basic`), scope
@@ -387,9 +387,9 @@ pub enum TokenFailure {
     /// Answers as usual, but with the JSON followed by 8 MiB of white space: still valid
     /// JSON, so only a limit on the body size rejects it.
     Oversize,
-    /// Reads the request and never answers. Dropping the [`StandIn`] closes the connection.
+    /// Takes the request and never answers. Dropping the [`StandIn`] closes the connection.
     Hang,
-    /// Reads the request and resets the TCP connection (RST) without answering.
+    /// Takes the request and resets the TCP connection (RST) without answering.
     Reset,
 }
 
@@ -400,9 +400,10 @@ pub enum ApiFailure {
     /// Answers 401 with `WWW-Authenticate: Bearer error="invalid_token"`, as for a revoked
     /// token.
     Unauthorized,
-    /// Answers this status with an `OperationOutcome`.
+    /// Answers this status with an `OperationOutcome` and no `WWW-Authenticate` header, even
+    /// for a 401.
     Status(http::StatusCode),
-    /// Reads the request and resets the TCP connection (RST) without answering.
+    /// Takes the request and resets the TCP connection (RST) without answering.
     Reset,
 }
 
