@@ -97,6 +97,9 @@ mod rejection;
 pub mod replay;
 mod service;
 mod study;
+#[cfg(feature = "testing")]
+#[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
+pub mod testing;
 pub mod token;
 
 pub mod future;
