@@ -30,9 +30,17 @@ where
     /// The request, while it waits for its first token.
     request: Option<Request<B>>,
     /// The copy to send after a 401, and the cache to get its new token from.
-    retry: Option<(Request<B>, Arc<TokenCache>)>,
+    retry: Option<Retry<B>>,
     /// Which cached token the request was sent with.
     sent_with: u64,
+}
+
+/// What a retry after a 401 needs.
+pub(crate) struct Retry<B> {
+    pub(crate) copy: Request<B>,
+    /// Whether the copy can still be sent ([`Replay::can_replay`](crate::Replay::can_replay)).
+    pub(crate) can_replay: fn(&B) -> bool,
+    pub(crate) cache: Arc<TokenCache>,
 }
 
 #[pin_project(project = StateProj)]
@@ -63,10 +71,9 @@ where
     pub(crate) fn new(
         mut inner: S,
         mut request: Request<B>,
-        copy: Option<Request<B>>,
+        retry: Option<Retry<B>>,
         cache: &Arc<TokenCache>,
     ) -> Self {
-        let retry = copy.map(|copy| (copy, Arc::clone(cache)));
         match cache.get() {
             Lookup::Ready(credential) => {
                 let sent_with = authorize(&mut request, credential);
@@ -146,12 +153,15 @@ where
                     if Verdict::of(&response) != Verdict::Refused {
                         return Poll::Ready(Ok(response));
                     }
-                    // Without a copy there is nothing to retry: the 401 is the answer.
-                    let Some((_, cache)) = this.retry.as_ref() else {
-                        return Poll::Ready(Ok(response));
+                    // Without a copy that can still be sent there is nothing to retry, and with
+                    // the storm guard's no a new token will not help: the 401 is the answer.
+                    let lookup = match this.retry.as_ref() {
+                        Some(retry) if (retry.can_replay)(retry.copy.body()) => {
+                            retry.cache.reject(*this.sent_with)
+                        }
+                        _ => None,
                     };
-                    // The storm guard: a new token will not help, the 401 is the answer.
-                    let Some(lookup) = cache.reject(*this.sent_with) else {
+                    let Some(lookup) = lookup else {
                         return Poll::Ready(Ok(response));
                     };
                     match lookup {
@@ -189,16 +199,18 @@ fn authorize<B>(request: &mut Request<B>, credential: Credential) -> u64 {
 /// The retry: the copy, with the new token, to the service once it is ready again.
 fn retry<S, B>(
     inner: &mut Option<S>,
-    retry: &mut Option<(Request<B>, Arc<TokenCache>)>,
+    retry: &mut Option<Retry<B>>,
     credential: Credential,
 ) -> Oneshot<S, Request<B>>
 where
     S: Service<Request<B>>,
 {
-    let (mut request, cache) = retry.take().expect("retry without a copy");
-    authorize(&mut request, credential);
+    let Retry {
+        mut copy, cache, ..
+    } = retry.take().expect("retry without a copy");
+    authorize(&mut copy, credential);
     cache.count_retry();
-    Oneshot::new(inner.take().expect("retry without a service"), request)
+    Oneshot::new(inner.take().expect("retry without a service"), copy)
 }
 
 impl<S, B> fmt::Debug for ResponseFuture<S, B>

@@ -30,6 +30,14 @@ pub trait Replay<B> {
     /// Converts a body that may be sent again: returns the body to send now, and the body for
     /// the retry if there can be one.
     fn replayable(&self, body: B) -> (Self::Body, Option<Self::Body>);
+
+    /// Whether `copy`, made by [`replayable`](Replay::replayable), can still be sent when a
+    /// 401 arrives; if not, the 401 goes to the caller. For a copy that may turn out
+    /// incomplete, such as a buffer with a size cap. Default: `true`.
+    fn can_replay(copy: &Self::Body) -> bool {
+        let _ = copy;
+        true
+    }
 }
 
 /// Replays a request by cloning its body. The default.

@@ -2,7 +2,7 @@
 
 use crate::{
     error::{BoxError, Error},
-    future::ResponseFuture,
+    future::{ResponseFuture, Retry},
     layer::{BlazeAuthLayer, Config},
     metrics::Metrics,
     replay::{CloneBody, Replay},
@@ -93,17 +93,19 @@ where
         if let Err(error) = self.config.prepare(&mut parts) {
             return ResponseFuture::failed(error);
         }
-        let (body, copy) = if self.config.retries(&parts.method) {
+        let (body, retry) = if self.config.retries(&parts.method) {
             let (body, copy) = self.replay.replayable(body);
-            (
-                body,
-                copy.map(|copy| Request::from_parts(parts.clone(), copy)),
-            )
+            let retry = copy.map(|copy| Retry {
+                copy: Request::from_parts(parts.clone(), copy),
+                can_replay: R::can_replay,
+                cache: Arc::clone(&self.config.cache),
+            });
+            (body, retry)
         } else {
             (self.replay.once(body), None)
         };
         let request = Request::from_parts(parts, body);
-        ResponseFuture::new(ready_inner, request, copy, &self.config.cache)
+        ResponseFuture::new(ready_inner, request, retry, &self.config.cache)
     }
 }
 
