@@ -1,79 +1,81 @@
-//! The quickstart: a client stack with `BlazeAuthLayer`, run against an in-process stand-in
-//! for Blaze that revokes its tokens half-way, to show the 401 → refresh → retry path.
+//! The quickstart: OAuth 2.0 client credentials, the layer and hyper-util's client, fetching
+//! every page of two searches from Blaze.
+//!
+//! Without `BLAZE_*` variables it runs against the embedded stand-in, and revokes every token
+//! half-way to show the 401 → refresh → retry path. With them (see `BlazeEnv`) it runs the
+//! same searches against that server: how a partner checks their credentials on staging.
 //!
 //! `cargo run --example quickstart`
 
-use blaze_auth::{AccessToken, BlazeAuthLayer, token_fn};
-use http::{Request, Response, StatusCode, header::AUTHORIZATION};
-use std::{
-    convert::Infallible,
-    sync::{
-        Arc,
-        atomic::{AtomicUsize, Ordering},
-    },
-    time::Duration,
-};
-use tower::{ServiceBuilder, ServiceExt};
+mod common;
+
+use blaze_auth::BoxError;
+use std::collections::HashSet;
 
 #[tokio::main]
-async fn main() -> Result<(), blaze_auth::BoxError> {
-    // The token endpoint: issues token-1, token-2, ... valid for an hour.
-    let issued = Arc::new(AtomicUsize::new(0));
-    let counter = Arc::clone(&issued);
-    let source = token_fn(move |_rejected| {
-        let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
-        async move {
-            Ok::<_, blaze_auth::Error>(
-                AccessToken::bearer(&format!("token-{n}"))?
-                    .with_expires_in(Duration::from_secs(3600)),
-            )
+async fn main() {
+    if let Err(error) = run().await {
+        eprintln!("error: {error}");
+        let mut source = error.source();
+        while let Some(cause) = source {
+            eprintln!("  caused by: {cause}");
+            source = cause.source();
         }
-    });
-
-    // The FHIR API: accepts only the newest token, so revoking = issuing a new generation.
-    let valid = Arc::new(AtomicUsize::new(1));
-    let (api_valid, api_calls) = (Arc::clone(&valid), Arc::new(AtomicUsize::new(0)));
-    let calls = Arc::clone(&api_calls);
-    let api = tower::service_fn(move |request: Request<String>| {
-        calls.fetch_add(1, Ordering::SeqCst);
-        let expected = format!("Bearer token-{}", api_valid.load(Ordering::SeqCst));
-        let authorized = request
-            .headers()
-            .get(AUTHORIZATION)
-            .is_some_and(|v| v == &*expected);
-        let mut response = Response::new(request.uri().to_string());
-        if !authorized {
-            *response.status_mut() = StatusCode::UNAUTHORIZED;
-        }
-        async move { Ok::<_, Infallible>(response) }
-    });
-
-    let client = ServiceBuilder::new()
-        .layer(
-            BlazeAuthLayer::builder(source)
-                .study("FHIR-T")
-                .partner_id("demo")
-                .build()?,
-        )
-        .service(api);
-
-    for page in 1..=4 {
-        if page == 3 {
-            println!("-- the server revokes every token --");
-            valid.store(2, Ordering::SeqCst);
-        }
-        let uri = format!("/msk-apim/external/v2/crit/blaze/api/Patient?_count=50&page={page}");
-        let response = client
-            .clone()
-            .oneshot(Request::get(uri).body(String::new())?)
-            .await?;
-        println!("{} {}", response.status(), response.body());
+        std::process::exit(1);
     }
-    let calls = api_calls.load(Ordering::SeqCst);
+}
+
+async fn run() -> Result<(), BoxError> {
+    let blaze = common::connect().await?;
+    match &blaze.stand_in {
+        Some(_) => println!("Blaze stand-in at {}", blaze.api_url),
+        None => println!("Blaze at {}", blaze.api_url),
+    }
+
+    let searches = [
+        ("Patient", "Patient?_count=50"),
+        (
+            "Observation",
+            "Observation?code=http://loinc.org|777-3,http://loinc.org|751-8&_count=100",
+        ),
+    ];
+    for (name, query) in searches {
+        let mut ids = HashSet::new();
+        let mut duplicates = 0;
+        let url = format!("{}/{query}", blaze.api_url);
+        let mut page = 0;
+        let pages = common::search(&blaze.client, &url, |bundle| {
+            page += 1;
+            for resource in common::resources(bundle) {
+                let id = resource["id"].as_str().unwrap_or_default().to_owned();
+                duplicates += usize::from(!ids.insert(id));
+            }
+            // Half-way through the first search, the stand-in revokes every token it issued.
+            if let (Some(stand_in), "Patient", 3) = (&blaze.stand_in, name, page) {
+                stand_in.revoke_all_tokens();
+                println!("  (the server revokes every token after page 3)");
+            }
+            Ok(())
+        })
+        .await?;
+        println!(
+            "{name:<12} {:>4} resources in {pages:>2} pages, {duplicates} duplicates",
+            ids.len()
+        );
+    }
+
+    let metrics = blaze.layer.metrics();
     println!(
-        "pages: 4, API calls: {calls}, retries after 401: {}, token fetches: {}",
-        calls - 4,
-        issued.load(Ordering::SeqCst)
+        "token fetches: {}, retries after 401: {}, failed fetches: {}",
+        metrics.token_fetches, metrics.retries, metrics.fetch_failures
     );
+    if let Some(stand_in) = &blaze.stand_in {
+        println!(
+            "stand-in saw: {} API requests, {} answered 401, {} token requests",
+            stand_in.api_requests(),
+            stand_in.unauthorized_served(),
+            stand_in.token_requests()
+        );
+    }
     Ok(())
 }

@@ -29,10 +29,15 @@ where
     inner: Option<S>,
     /// The request, while it waits for its first token.
     request: Option<Request<B>>,
-    /// The copy to send after a 401, and the cache to get its new token from.
+    /// The copy to send after a 401.
     retry: Option<Retry<B>>,
+    /// The cache the token came from, told when the server refuses it; `None` for a request
+    /// the layer did not authenticate.
+    cache: Option<Arc<TokenCache>>,
     /// Which cached token the request was sent with.
     sent_with: u64,
+    /// Whether that token is on probation (fetched after a 401 and not accepted yet).
+    on_probation: bool,
 }
 
 /// What a retry after a 401 needs.
@@ -40,7 +45,6 @@ pub(crate) struct Retry<B> {
     pub(crate) copy: Request<B>,
     /// Whether the copy can still be sent ([`Replay::can_replay`](crate::Replay::can_replay)).
     pub(crate) can_replay: fn(&B) -> bool,
-    pub(crate) cache: Arc<TokenCache>,
 }
 
 #[pin_project(project = StateProj)]
@@ -76,6 +80,7 @@ where
     ) -> Self {
         match cache.get() {
             Lookup::Ready(credential) => {
+                let on_probation = credential.on_probation;
                 let sent_with = authorize(&mut request, credential);
                 let future = inner.call(request);
                 Self {
@@ -83,7 +88,9 @@ where
                     inner: retry.is_some().then_some(inner),
                     request: None,
                     retry,
+                    cache: Some(Arc::clone(cache)),
                     sent_with,
+                    on_probation,
                 }
             }
             Lookup::Wait(wait) => Self {
@@ -91,7 +98,9 @@ where
                 inner: Some(inner),
                 request: Some(request),
                 retry,
+                cache: Some(Arc::clone(cache)),
                 sent_with: 0,
+                on_probation: false,
             },
             Lookup::Failed(error) => Self::failed(error),
         }
@@ -104,7 +113,9 @@ where
             inner: None,
             request: None,
             retry: None,
+            cache: None,
             sent_with: 0,
+            on_probation: false,
         }
     }
 
@@ -114,7 +125,9 @@ where
             inner: None,
             request: None,
             retry: None,
+            cache: None,
             sent_with: 0,
+            on_probation: false,
         }
     }
 }
@@ -133,6 +146,7 @@ where
                 StateProj::FetchToken { wait } => {
                     let credential = ready!(Pin::new(wait).poll(cx))?;
                     let mut request = this.request.take().expect("polled after completion");
+                    *this.on_probation = credential.on_probation;
                     *this.sent_with = authorize(&mut request, credential);
                     // Keep the service only if it may be needed for a retry.
                     let future = if this.retry.is_some() {
@@ -151,21 +165,34 @@ where
                 StateProj::Call { future } => {
                     let response = ready!(future.poll(cx)).map_err(Error::inner)?;
                     if Verdict::of(&response) != Verdict::Refused {
+                        if let (true, Some(cache)) = (*this.on_probation, this.cache.as_ref()) {
+                            cache.accept(*this.sent_with);
+                        }
                         return Poll::Ready(Ok(response));
                     }
-                    // Without a copy that can still be sent there is nothing to retry, and with
-                    // the storm guard's no a new token will not help: the 401 is the answer.
-                    let lookup = match this.retry.as_ref() {
-                        Some(retry) if (retry.can_replay)(retry.copy.body()) => {
-                            retry.cache.reject(*this.sent_with)
-                        }
-                        _ => None,
-                    };
-                    let Some(lookup) = lookup else {
+                    let Some(cache) = this.cache.as_ref() else {
                         return Poll::Ready(Ok(response));
                     };
+                    // Told even when there will be no retry, so that the next request does
+                    // not meet the refused token too. `None` is the storm guard's no: a new
+                    // token will not help, the 401 is the answer.
+                    let Some(lookup) = cache.reject(*this.sent_with) else {
+                        return Poll::Ready(Ok(response));
+                    };
+                    // Without a copy that can still be sent, the 401 is the answer; the new
+                    // token, if one is on its way, is for the requests that follow.
+                    let replayable = this
+                        .retry
+                        .as_ref()
+                        .is_some_and(|retry| (retry.can_replay)(retry.copy.body()));
+                    if !replayable {
+                        return Poll::Ready(Ok(response));
+                    }
                     match lookup {
                         Lookup::Ready(credential) => {
+                            cache.count_retry();
+                            *this.on_probation = credential.on_probation;
+                            *this.sent_with = credential.id;
                             let future = retry(this.inner, this.retry, credential);
                             this.state.set(State::Retry { future });
                         }
@@ -175,10 +202,23 @@ where
                 }
                 StateProj::Refresh { wait } => {
                     let credential = ready!(Pin::new(wait).poll(cx))?;
+                    if let Some(cache) = this.cache.as_ref() {
+                        cache.count_retry();
+                    }
+                    *this.on_probation = credential.on_probation;
+                    *this.sent_with = credential.id;
                     let future = retry(this.inner, this.retry, credential);
                     this.state.set(State::Retry { future });
                 }
-                StateProj::Retry { future } => return future.poll(cx).map_err(Error::inner),
+                StateProj::Retry { future } => {
+                    let response = ready!(future.poll(cx)).map_err(Error::inner)?;
+                    if Verdict::of(&response) != Verdict::Refused {
+                        if let (true, Some(cache)) = (*this.on_probation, this.cache.as_ref()) {
+                            cache.accept(*this.sent_with);
+                        }
+                    }
+                    return Poll::Ready(Ok(response));
+                }
                 StateProj::Failed { error } => {
                     return Poll::Ready(Err(error.take().expect("polled after completion")));
                 }
@@ -205,11 +245,8 @@ fn retry<S, B>(
 where
     S: Service<Request<B>>,
 {
-    let Retry {
-        mut copy, cache, ..
-    } = retry.take().expect("retry without a copy");
+    let Retry { mut copy, .. } = retry.take().expect("retry without a copy");
     authorize(&mut copy, credential);
-    cache.count_retry();
     Oneshot::new(inner.take().expect("retry without a service"), copy)
 }
 

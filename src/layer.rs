@@ -337,8 +337,8 @@ impl<R> Builder<R> {
     /// Sets the storm guard's window.
     ///
     /// The first 401 on a token makes the layer fetch a new one and retry. If a token fetched
-    /// that way is refused too within this window, a new token is evidently not what the
-    /// server wants (Blaze answers 401 to a wrong `x-partnerid` as well): until the window
+    /// that way is refused too within this window, before the server accepted it for any
+    /// request, a new token is evidently not what the server wants (Blaze answers 401 to a wrong `x-partnerid` as well): until the window
     /// ends, 401s on that token go to their callers without another fetch, so a
     /// misconfiguration cannot make every request hit the token endpoint. Zero turns the
     /// guard off.

@@ -98,7 +98,6 @@ where
             let retry = copy.map(|copy| Retry {
                 copy: Request::from_parts(parts.clone(), copy),
                 can_replay: R::can_replay,
-                cache: Arc::clone(&self.config.cache),
             });
             (body, retry)
         } else {
@@ -635,20 +634,27 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn bodies_that_cannot_be_copied_are_not_retried() {
+    async fn bodies_that_cannot_be_copied_are_not_retried_but_the_token_is_dropped() {
         type Streaming = StreamBody<
             futures_util::stream::Empty<Result<http_body::Frame<bytes::Bytes>, Infallible>>,
         >;
+        let streaming = || {
+            Request::get("/")
+                .body(StreamBody::new(futures_util::stream::empty()))
+                .unwrap()
+        };
         let source = TestSource::new();
-        let (service, calls) = inner::<Streaming, _>(|_| StatusCode::UNAUTHORIZED);
+        let (service, calls) = inner::<Streaming, _>(reject_first_token);
         let layer = BlazeAuthLayer::new(source.clone(), "S").replay(NoReplay);
-        let request = Request::get("/")
-            .body(StreamBody::new(futures_util::stream::empty()))
-            .unwrap();
-        let response = layer.layer(service).oneshot(request).await.unwrap();
+        let client = layer.layer(service);
+        let response = client.clone().oneshot(streaming()).await.unwrap();
         assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
         assert_eq!(calls.load(Ordering::SeqCst), 1);
-        assert_eq!(source.fetches(), 1);
+        // The refused token is not used again: the next request gets a new one.
+        let response = client.oneshot(streaming()).await.unwrap();
+        assert_eq!(response.body(), "token-2");
+        assert_eq!(source.fetches(), 2);
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
     }
 
     #[tokio::test]
@@ -807,6 +813,30 @@ mod tests {
         client.clone().oneshot(get()).await.unwrap();
         client.oneshot(get()).await.unwrap();
         assert_eq!(source.fetches(), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_token_that_worked_is_refreshed_when_it_is_revoked_too() {
+        // Revocations in quick succession are not a storm: each new token was accepted
+        // before the server revoked it.
+        let valid = Arc::new(AtomicUsize::new(1));
+        let current = Arc::clone(&valid);
+        let (service, _) = inner::<String, _>(move |token| {
+            if token == format!("token-{}", current.load(Ordering::SeqCst)) {
+                StatusCode::OK
+            } else {
+                StatusCode::UNAUTHORIZED
+            }
+        });
+        let source = TestSource::new();
+        let client = BlazeAuth::new(service, source.clone(), "S");
+        for generation in 1..=5 {
+            valid.store(generation, Ordering::SeqCst);
+            let response = client.clone().oneshot(get()).await.unwrap();
+            assert_eq!(response.status(), StatusCode::OK, "generation {generation}");
+        }
+        assert_eq!(source.fetches(), 5);
+        assert_eq!(client.metrics().refreshes_skipped, 0);
     }
 
     #[tokio::test(start_paused = true)]

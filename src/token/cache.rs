@@ -96,9 +96,10 @@ pub(crate) struct Entry {
     /// that swaps in [`CLAIMED`] starts the refresh; a failed refresh sets a later time.
     refresh_at: AtomicU64,
     issued_at: Instant,
-    /// Fetched because the server refused the token before: if this one is refused too,
-    /// soon, a new token is not what the server wants (see `storm_window`).
-    after_rejection: bool,
+    /// Fetched because the server refused the token before, and not yet accepted by it: if
+    /// this one is refused too, soon, a new token is not what the server wants (see
+    /// `storm_window`).
+    on_probation: AtomicBool,
     /// Whether the storm guard has said so in the log for this token.
     storm_logged: AtomicBool,
 }
@@ -110,6 +111,8 @@ const CLAIMED: u64 = u64::MAX;
 pub(crate) struct Credential {
     pub(crate) header: HeaderValue,
     pub(crate) id: u64,
+    /// The token is on probation: tell the cache when the server accepts it.
+    pub(crate) on_probation: bool,
 }
 
 pub(crate) enum Lookup {
@@ -191,9 +194,11 @@ impl TokenCache {
     }
 
     /// Whether refusing `entry` is part of a storm that new tokens do not calm: it was itself
-    /// fetched after a refusal, and not long ago. Counts and logs the refusal if so.
+    /// fetched after a refusal, not long ago, and the server has accepted it for no request
+    /// yet. Counts and logs the refusal if so.
     fn in_storm(&self, entry: &Entry, now: Instant) -> bool {
-        if !entry.after_rejection || now >= entry.issued_at + self.config.storm_window {
+        let on_probation = entry.on_probation.load(Ordering::Relaxed);
+        if !on_probation || now >= entry.issued_at + self.config.storm_window {
             return false;
         }
         self.counters.skipped.fetch_add(1, Ordering::Relaxed);
@@ -204,6 +209,15 @@ impl TokenCache {
             );
         }
         true
+    }
+
+    /// The server accepted the token with id `id`: it is off probation.
+    pub(crate) fn accept(&self, id: u64) {
+        if let Some(entry) = &*self.current.load() {
+            if entry.id == id {
+                entry.on_probation.store(false, Ordering::Relaxed);
+            }
+        }
     }
 
     /// Counts a request sent again after a 401.
@@ -328,7 +342,7 @@ impl TokenCache {
             id,
             refresh_at: AtomicU64::new(refresh_at),
             issued_at: now,
-            after_rejection,
+            on_probation: AtomicBool::new(after_rejection),
             storm_logged: AtomicBool::new(false),
         }
     }
@@ -367,6 +381,7 @@ impl Entry {
         Credential {
             header: self.token.header().clone(),
             id: self.id,
+            on_probation: self.on_probation.load(Ordering::Relaxed),
         }
     }
 }
