@@ -143,3 +143,143 @@ async fn no_secret_in_logs_errors_or_debug() {
         );
     }
 }
+
+/// Collects every access token a token endpoint hands out, on the way to the client.
+#[derive(Clone, Default)]
+struct Issued(Arc<Mutex<Vec<String>>>);
+
+impl Issued {
+    fn client(
+        self,
+    ) -> impl tower::Service<
+        Request<Full<Bytes>>,
+        Response = http::Response<Full<Bytes>>,
+        Error = blaze_auth::BoxError,
+        Future = impl Send,
+    > + Clone
+    + Send
+    + Sync
+    + 'static {
+        use http_body_util::BodyExt;
+        let issued = self;
+        let client =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build_http::<Full<Bytes>>();
+        tower::service_fn(move |request: Request<Full<Bytes>>| {
+            let (client, issued) = (client.clone(), issued.clone());
+            async move {
+                let (parts, body) = client.request(request).await?.into_parts();
+                let body = body.collect().await?.to_bytes();
+                if let Ok(json) = serde_json::from_slice::<serde_json::Value>(&body) {
+                    if let Some(token) = json["access_token"].as_str() {
+                        issued.0.lock().unwrap().push(token.to_owned());
+                    }
+                }
+                Ok::<_, blaze_auth::BoxError>(http::Response::from_parts(parts, Full::new(body)))
+            }
+        })
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn no_secret_in_anything_printed_during_a_run_with_faults() {
+    use blaze_auth::testing::{
+        ApiFailure, DEMO_CLIENT_ID, DEMO_CLIENT_SECRET, StandIn, TokenFailure,
+    };
+
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let stand_in = StandIn::builder()
+        .require_partner_id("partner-1")
+        .token_lifetime(Duration::from_secs(2))
+        .start()
+        .await
+        .unwrap();
+    let issued = Issued::default();
+    let env_vars = [
+        ("BLAZE_BASE_URL", stand_in.base_url()),
+        ("BLAZE_CLIENT_ID", DEMO_CLIENT_ID.to_owned()),
+        ("BLAZE_CLIENT_SECRET", DEMO_CLIENT_SECRET.to_owned()),
+        ("BLAZE_RESEARCH_STUDY", "FHIR-T".to_owned()),
+        ("BLAZE_PARTNER_ID", "partner-1".to_owned()),
+    ];
+    let env = blaze_auth::BlazeEnv::from_lookup(|name| {
+        let value = env_vars.iter().find(|(var, _)| *var == name);
+        value
+            .map(|(_, v)| v.clone())
+            .ok_or(std::env::VarError::NotPresent)
+    })
+    .unwrap()
+    .unwrap();
+    let builder = env
+        .client_credentials()
+        .http_client(issued.clone().client())
+        .request_timeout(Duration::from_millis(200))
+        .backoff(Duration::from_millis(1), Duration::from_millis(5));
+    let mut shown = format!("{builder:?} {env:?} {stand_in:?}");
+    let source = builder.build().unwrap();
+    shown.push_str(&format!("{source:?}"));
+    let layer_builder = env.layer(source).fetch_cooldown(Duration::ZERO);
+    shown.push_str(&format!("{layer_builder:?}"));
+    let layer = layer_builder.build().unwrap();
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<Full<Bytes>>();
+    let client = tower::Layer::layer(&layer, client);
+
+    let token_faults = [
+        TokenFailure::Status(StatusCode::BAD_GATEWAY),
+        TokenFailure::Garbage,
+        TokenFailure::Oversize,
+        TokenFailure::Reset,
+        TokenFailure::Hang,
+        TokenFailure::TooManyRequests {
+            retry_after: Duration::from_secs(60),
+        },
+    ];
+    let url = format!("{}/Patient?_count=20", stand_in.api_url());
+    for (round, fault) in token_faults.iter().enumerate() {
+        stand_in.fail_token_requests(3, fault.clone());
+        stand_in.fail_api_requests(1, ApiFailure::Unauthorized);
+        stand_in.fail_api_requests(1, ApiFailure::Reset);
+        if round % 2 == 0 {
+            stand_in.revoke_all_tokens();
+        } else {
+            stand_in.expire_all_tokens();
+        }
+        for _ in 0..6 {
+            let request = Request::get(&url).body(Full::default()).unwrap();
+            let future = tower::Service::call(&mut client.clone(), request);
+            shown.push_str(&format!("{future:?}"));
+            match future.await {
+                Ok(response) => shown.push_str(&format!("{response:?}")),
+                Err(error) => shown.push_str(&chain(&error)),
+            }
+        }
+    }
+    shown.push_str(&format!("{layer:?} {client:?} {:?}", layer.metrics()));
+
+    let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let issued = issued.0.lock().unwrap().clone();
+    assert!(issued.len() >= 3, "tokens were issued: {issued:?}");
+    assert!(
+        logs.contains("token fetch failed") && logs.contains("token cached"),
+        "{logs}"
+    );
+    let everything = format!("{shown}\n{logs}");
+    for secret in issued
+        .iter()
+        .map(String::as_str)
+        .chain([DEMO_CLIENT_SECRET])
+    {
+        assert!(
+            !everything.contains(secret),
+            "a secret leaked:\n{everything}"
+        );
+    }
+}
