@@ -151,6 +151,9 @@ where
                 StateProj::Call { future } => {
                     let response = ready!(future.poll(cx)).map_err(Error::inner)?;
                     if Verdict::of(&response) != Verdict::Refused {
+                        // No retry: let the copy go now, not when the caller drops this
+                        // future (a recorded body stops recording).
+                        *this.retry = None;
                         return Poll::Ready(Ok(response));
                     }
                     // Without a copy that can still be sent there is nothing to retry, and with
@@ -162,6 +165,7 @@ where
                         _ => None,
                     };
                     let Some(lookup) = lookup else {
+                        *this.retry = None;
                         return Poll::Ready(Ok(response));
                     };
                     match lookup {

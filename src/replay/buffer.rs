@@ -473,12 +473,13 @@ mod tests {
     use http::{HeaderValue, Request, Response, StatusCode};
     use http_body_util::{BodyExt, Empty, Full, StreamBody, combinators::UnsyncBoxBody};
     use std::{
+        convert::Infallible,
         io,
         sync::atomic::{AtomicUsize, Ordering},
     };
     use tokio::sync::mpsc;
     use tokio_test::{assert_pending, assert_ready};
-    use tower::{ServiceExt, service_fn};
+    use tower::{Service, ServiceExt, service_fn};
 
     #[tokio::test]
     async fn a_multi_frame_body_with_trailers_is_replayed_whole() {
@@ -680,6 +681,41 @@ mod tests {
             assert_eq!(seen.load(Ordering::SeqCst), calls, "cap {cap}");
             assert_eq!(source.fetches(), calls);
         }
+    }
+
+    #[tokio::test]
+    async fn the_record_is_dropped_as_soon_as_the_answer_is_not_a_401() {
+        // The inner service answers at once and keeps reading the body afterwards.
+        let (bodies_tx, mut bodies) = mpsc::unbounded_channel();
+        let service = service_fn(move |request: Request<ReplayBody<ChannelBody>>| {
+            bodies_tx.send(request.into_body()).unwrap();
+            async { Ok::<_, Infallible>(Response::new(())) }
+        });
+        let layer = BlazeAuthLayer::new(TestSource::new(), "S").replay(BufferBody::default());
+        let (tx, body) = channel(SizeHint::default());
+        let request = Request::post("/Patient").body(body).unwrap();
+        let mut client = tower::Layer::layer(&layer, service);
+        let future = client.ready().await.unwrap().call(request);
+        let mut call = tokio_test::task::spawn(future);
+        // Polled, not awaited: the caller still holds the finished future.
+        let response = loop {
+            if let Poll::Ready(response) = call.poll() {
+                break response.unwrap();
+            }
+            tokio::task::yield_now().await;
+        };
+        assert_eq!(response.status(), StatusCode::OK);
+
+        let mut first = bodies.recv().await.unwrap();
+        tx.send(data("ab")).unwrap();
+        first.frame().await.unwrap().unwrap();
+        let Kind::Shared { handle } = &first.kind else {
+            panic!("not recorded");
+        };
+        let state = handle.lock();
+        assert!(!state.replayable && state.data.is_empty(), "nothing kept");
+        drop(state);
+        drop(call);
     }
 
     #[test]
