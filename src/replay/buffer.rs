@@ -82,8 +82,13 @@ where
         }
         let state = Arc::new(Mutex::new(State {
             body: Some(Box::pin(body)),
-            // The whole body at once when its length is known, one allocation.
-            data: BytesMut::with_capacity(usize::try_from(lower).unwrap_or(self.cap)),
+            // Room for the whole body when its length is known, in one allocation; but not
+            // more than 64 KiB on a length the body only claims.
+            data: BytesMut::with_capacity(
+                usize::try_from(lower)
+                    .unwrap_or(usize::MAX)
+                    .min(DEFAULT_REPLAY_CAP),
+            ),
             trailers: None,
             room: self.cap,
             replayable: true,
