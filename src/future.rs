@@ -168,6 +168,9 @@ where
                         if let (true, Some(cache)) = (*this.on_probation, this.cache.as_ref()) {
                             cache.accept(*this.sent_with);
                         }
+                        // No retry: let the copy go now, not when the caller drops this
+                        // future (a recorded body stops recording).
+                        *this.retry = None;
                         return Poll::Ready(Ok(response));
                     }
                     let Some(cache) = this.cache.as_ref() else {
@@ -177,6 +180,7 @@ where
                     // not meet the refused token too. `None` is the storm guard's no: a new
                     // token will not help, the 401 is the answer.
                     let Some(lookup) = cache.reject(*this.sent_with) else {
+                        *this.retry = None;
                         return Poll::Ready(Ok(response));
                     };
                     // Without a copy that can still be sent, the 401 is the answer; the new
@@ -186,6 +190,7 @@ where
                         .as_ref()
                         .is_some_and(|retry| (retry.can_replay)(retry.copy.body()));
                     if !replayable {
+                        *this.retry = None;
                         return Poll::Ready(Ok(response));
                     }
                     match lookup {

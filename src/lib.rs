@@ -76,8 +76,9 @@
 //! # Retries and request bodies
 //!
 //! To send a request again after a 401 the layer keeps a copy of it. By default it clones the
-//! body ([`CloneBody`]), so the body type must be `Clone`; for bodies that are not, use
-//! [`NoReplay`] (see [`replay`]). A second 401 goes back to the caller as it came; no other
+//! body ([`CloneBody`]), so the body type must be `Clone`; for bodies that are not (hyper's
+//! `Incoming`, tonic's), [`BufferBody`] records what is sent up to a cap and replays it, and
+//! [`NoReplay`] sends each request once (see [`replay`]). A second 401 goes back to the caller as it came; no other
 //! status is ever retried.
 //!
 //! # Runtime
@@ -119,7 +120,7 @@ pub use crate::{
         DEFAULT_REFRESH_MARGIN, DEFAULT_STORM_WINDOW,
     },
     metrics::Metrics,
-    replay::{CloneBody, NoReplay, Replay},
+    replay::{BufferBody, CloneBody, DEFAULT_REPLAY_CAP, NoReplay, Replay, ReplayBody},
     service::BlazeAuth,
     study::ResearchStudy,
     token::{AccessToken, StaticToken, TokenFn, TokenFuture, TokenSource, token_fn},
