@@ -81,6 +81,21 @@
 //! [`NoReplay`] sends each request once (see [`replay`]). A second 401 goes back to the caller as it came; no other
 //! status is ever retried.
 //!
+//! # Feature flags
+//!
+//! | feature | default | what it adds |
+//! |---|---|---|
+//! | `oauth2` | yes | `ClientCredentials` (client-credentials grant), `BlazeEnv`, `TokenError` |
+//! | `rustls` | yes | the built-in HTTPS client of `ClientCredentials` (hyper-util + rustls, no OpenSSL) |
+//! | `testing` | no | `testing::StandIn`, an embedded Blaze stand-in for tests and demos |
+//!
+//! Without default features the crate is the layer, the cache and the [`TokenSource`] trait:
+//! no HTTP client, no TLS, no JSON.
+//!
+//! # Minimum supported Rust version
+//!
+//! 1.85 (`rust-version` in Cargo.toml; edition 2024).
+//!
 //! # Runtime
 //!
 //! Token fetches run as Tokio tasks, so that no caller's cancellation stops a fetch others wait
