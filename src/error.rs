@@ -81,7 +81,7 @@ impl Error {
         Self::new(Kind::InvalidUrl, None)
     }
 
-    #[cfg(feature = "oauth2")]
+    #[cfg(any(feature = "oauth2", feature = "redis"))]
     pub(crate) fn invalid_url(source: Option<BoxError>) -> Self {
         Self::new(Kind::InvalidUrl, source.map(Source::Owned))
     }
