@@ -131,4 +131,6 @@ pub use crate::token::oauth2::{BlazeEnv, ClientAuth, ClientCredentials, ClientSe
 
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
-pub use crate::token::redis::{RedisMetrics, RedisShared, RedisSharedBuilder, SharedKey};
+pub use crate::token::redis::{
+    EncryptionKey, RedisMetrics, RedisShared, RedisSharedBuilder, SharedKey,
+};

@@ -7,7 +7,8 @@
 #![cfg(feature = "redis")]
 
 use blaze_auth::{
-    AccessToken, BlazeAuth, BlazeAuthLayer, RedisShared, SharedKey, TokenSource, token_fn,
+    AccessToken, BlazeAuth, BlazeAuthLayer, EncryptionKey, RedisShared, SharedKey, TokenSource,
+    token_fn,
 };
 use http::{Request, Response, StatusCode, header::AUTHORIZATION};
 use std::{
@@ -281,6 +282,37 @@ async fn keys_hold_a_digest_and_a_new_input_is_a_new_key() {
         );
     }
     assert!(keys.contains(&token_key(&full)) && keys.contains(&token_key(&read)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn encrypted_tokens_are_shared_by_the_key_holders_only() {
+    let redis = RedisServer::start();
+    let endpoint = Endpoint::new(Duration::ZERO);
+    let key = key();
+    let secret = EncryptionKey::generate();
+    let a = shared(&redis, &key, &endpoint)
+        .encryption_key(secret.clone())
+        .build()
+        .unwrap();
+    let b = shared(&redis, &key, &endpoint)
+        .encryption_key(secret)
+        .build()
+        .unwrap();
+    assert_eq!(a.fetch(None).await.unwrap().secret(), "token-1");
+    let stored = redis.get(&token_key(&key)).await.unwrap();
+    assert!(
+        stored.contains(":xc20p:") && !stored.contains("token-1"),
+        "{stored}"
+    );
+    assert_eq!(b.fetch(None).await.unwrap().secret(), "token-1");
+    assert_eq!(endpoint.fetches(), 1);
+
+    // A process with another key cannot read it, and fetches its own.
+    let c = shared(&redis, &key, &endpoint)
+        .encryption_key(EncryptionKey::generate())
+        .build()
+        .unwrap();
+    assert_eq!(c.fetch(None).await.unwrap().secret(), "token-2");
 }
 
 // Helpers.

@@ -68,11 +68,13 @@
 //!   truncated SHA-256), which the compare-and-delete after a 401 matches; times are Unix
 //!   milliseconds, since processes share no monotonic clock. It expires (`PX`) with the
 //!   token.
+//!   With an [`encryption_key`](RedisSharedBuilder::encryption_key) the JSON is sealed:
+//!   `F:xc20p:` and the base64 of a random nonce and the XChaCha20-Poly1305 ciphertext.
 //! - `blaze-auth:{D}:lock`: a random holder id, with the lease as its `PX`.
 //!
 //! A token in Redis is a credential: whoever can read the key can act as the client. Keep
 //! Redis private to the processes that share it (ACLs, TLS with `rediss://`, a private
-//! network).
+//! network), and consider an [`EncryptionKey`].
 //!
 //! # Clocks
 //!
@@ -82,6 +84,11 @@
 use crate::{
     error::{BoxError, Error},
     token::{AccessToken, TokenFuture, TokenSource},
+};
+use base64::{Engine as _, engine::general_purpose::STANDARD as BASE64};
+use chacha20poly1305::{
+    XChaCha20Poly1305, XNonce,
+    aead::{Aead, AeadCore, KeyInit, OsRng, Payload},
 };
 use futures_util::future::{Either, select};
 use redis::{
@@ -225,6 +232,7 @@ struct Shared<S> {
     op_timeout: Duration,
     poll_interval: Duration,
     refresh_margin: Duration,
+    cipher: Option<XChaCha20Poly1305>,
     counters: Counters,
 }
 
@@ -277,6 +285,7 @@ impl<S: TokenSource> RedisShared<S> {
             op_timeout: DEFAULT_OP_TIMEOUT,
             poll_interval: DEFAULT_POLL_INTERVAL,
             refresh_margin: crate::DEFAULT_REFRESH_MARGIN,
+            encryption_key: None,
         }
     }
 }
@@ -345,6 +354,7 @@ pub struct RedisSharedBuilder<S> {
     op_timeout: Duration,
     poll_interval: Duration,
     refresh_margin: Duration,
+    encryption_key: Option<EncryptionKey>,
 }
 
 impl<S> RedisSharedBuilder<S> {
@@ -416,6 +426,16 @@ impl<S> RedisSharedBuilder<S> {
         self
     }
 
+    /// Encrypts the tokens kept in Redis with `key` (XChaCha20-Poly1305, bound to the Redis
+    /// key they are stored under), so that whoever reads Redis without the key gets no usable
+    /// token. Every process sharing the token needs the same key: a process reads only what
+    /// it can decrypt, and one with another key (or none) fetches and stores a token of its
+    /// own, with a warning. Default: none, tokens are stored in clear.
+    pub fn encryption_key(mut self, key: EncryptionKey) -> Self {
+        self.encryption_key = Some(key);
+        self
+    }
+
     /// Builds the source. No connection is made yet.
     ///
     /// # Errors
@@ -456,6 +476,9 @@ impl<S> RedisSharedBuilder<S> {
                 op_timeout: self.op_timeout,
                 poll_interval: self.poll_interval,
                 refresh_margin: self.refresh_margin,
+                cipher: self
+                    .encryption_key
+                    .map(|key| XChaCha20Poly1305::new(&(*key.0).into())),
                 counters: Counters::default(),
             }),
         })
@@ -472,7 +495,57 @@ impl<S: fmt::Debug> fmt::Debug for RedisSharedBuilder<S> {
             .field("lease", &self.lease)
             .field("follower_wait", &self.follower_wait)
             .field("op_timeout", &self.op_timeout)
+            .field("encryption_key", &self.encryption_key)
             .finish_non_exhaustive()
+    }
+}
+
+/// A 256-bit key that encrypts the tokens kept in Redis: see
+/// [`RedisSharedBuilder::encryption_key`].
+///
+/// It protects credentials: keep it where the client secret is kept. `Debug` prints
+/// `[redacted]`; there is no `Display`.
+///
+/// ```
+/// use blaze_auth::token::redis::EncryptionKey;
+///
+/// // E.g. made by `openssl rand -base64 32` and handed to every process like a secret.
+/// let key = EncryptionKey::from_base64("q83vASNFZ4mrze8BI0VniavN7wEjRWeJq83vASNFZ4k=")?;
+/// assert_eq!(format!("{key:?}"), "EncryptionKey([redacted])");
+/// # Ok::<_, blaze_auth::Error>(())
+/// ```
+#[derive(Clone)]
+pub struct EncryptionKey(Arc<[u8; 32]>);
+
+impl EncryptionKey {
+    /// The key made of these 32 bytes.
+    pub fn from_bytes(bytes: [u8; 32]) -> Self {
+        Self(Arc::new(bytes))
+    }
+
+    /// The key from 32 bytes in standard base64 (with padding, white space around it
+    /// ignored).
+    ///
+    /// # Errors
+    ///
+    /// If `encoded` is not base64 of exactly 32 bytes ([`Error::is_invalid_key`]).
+    pub fn from_base64(encoded: &str) -> Result<Self, Error> {
+        let bytes = BASE64
+            .decode(encoded.trim())
+            .map_err(|_| Error::invalid_key())?;
+        let bytes = <[u8; 32]>::try_from(bytes).map_err(|_| Error::invalid_key())?;
+        Ok(Self::from_bytes(bytes))
+    }
+
+    /// A new random key, from the operating system's generator.
+    pub fn generate() -> Self {
+        Self::from_bytes(XChaCha20Poly1305::generate_key(&mut OsRng).into())
+    }
+}
+
+impl fmt::Debug for EncryptionKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("EncryptionKey([redacted])")
     }
 }
 
@@ -649,7 +722,7 @@ impl<S: TokenSource> Shared<S> {
         let Some(value) = value else {
             return Ok(None);
         };
-        let Some((fp, stored)) = decode(&value) else {
+        let Some((fp, stored)) = self.codec().decode(&value) else {
             tracing::warn!("the token stored in Redis cannot be read: fetching a new one");
             return Ok(None);
         };
@@ -667,7 +740,7 @@ impl<S: TokenSource> Shared<S> {
         });
         let mut set = redis::cmd("SET");
         set.arg(&self.token_key)
-            .arg(encode(token, now, expires_at_ms));
+            .arg(self.codec().encode(token, now, expires_at_ms));
         match expires_at_ms {
             Some(at) if at <= now => return Ok(()),
             Some(at) => {
@@ -676,6 +749,13 @@ impl<S: TokenSource> Shared<S> {
             None => {}
         }
         self.op(set.query_async::<()>(con)).await
+    }
+
+    fn codec(&self) -> Codec<'_> {
+        Codec {
+            cipher: self.cipher.as_ref(),
+            aad: &self.token_key,
+        }
     }
 
     async fn release(&self, con: &mut ConnectionManager, holder: &str) {
@@ -779,24 +859,65 @@ impl fmt::Debug for Stored {
     }
 }
 
-/// `fingerprint ":json:" JSON`.
-fn encode(token: &AccessToken, now_ms: u64, expires_at_ms: Option<u64>) -> String {
-    let stored = Stored {
-        token_type: token.token_type().into(),
-        access_token: token.secret().into(),
-        scope: token.scope().map(Into::into),
-        expires_at_ms,
-        stored_at_ms: now_ms,
-    };
-    // Serializing strings and integers cannot fail.
-    let json = serde_json::to_string(&stored).unwrap_or_default();
-    format!("{}:json:{json}", fingerprint(token))
+/// How tokens are written to and read from Redis: `fingerprint ":json:" JSON` in clear, or
+/// `fingerprint ":xc20p:" base64(nonce ciphertext)` encrypted, with the Redis key and the
+/// fingerprint as associated data.
+#[derive(Clone, Copy)]
+struct Codec<'a> {
+    cipher: Option<&'a XChaCha20Poly1305>,
+    aad: &'a str,
 }
 
-fn decode(value: &str) -> Option<(&str, Stored)> {
-    let (fp, rest) = value.split_once(':')?;
-    let json = rest.strip_prefix("json:")?;
-    Some((fp, serde_json::from_str(json).ok()?))
+impl Codec<'_> {
+    fn encode(self, token: &AccessToken, now_ms: u64, expires_at_ms: Option<u64>) -> String {
+        let stored = Stored {
+            token_type: token.token_type().into(),
+            access_token: token.secret().into(),
+            scope: token.scope().map(Into::into),
+            expires_at_ms,
+            stored_at_ms: now_ms,
+        };
+        // Serializing strings and integers cannot fail.
+        let json = serde_json::to_string(&stored).unwrap_or_default();
+        let fp = fingerprint(token);
+        let Some(cipher) = self.cipher else {
+            return format!("{fp}:json:{json}");
+        };
+        let nonce = XChaCha20Poly1305::generate_nonce(&mut OsRng);
+        let aad = format!("{}:{fp}", self.aad);
+        let payload = Payload {
+            msg: json.as_bytes(),
+            aad: aad.as_bytes(),
+        };
+        // Encryption fails only for messages of gigabytes.
+        let sealed = cipher.encrypt(&nonce, payload).unwrap_or_default();
+        let mut bytes = nonce.to_vec();
+        bytes.extend_from_slice(&sealed);
+        format!("{fp}:xc20p:{}", BASE64.encode(bytes))
+    }
+
+    fn decode(self, value: &str) -> Option<(&str, Stored)> {
+        let (fp, rest) = value.split_once(':')?;
+        let (format, payload) = rest.split_once(':')?;
+        let json = match (format, self.cipher) {
+            ("json", None) => payload.as_bytes().to_vec(),
+            ("xc20p", Some(cipher)) => {
+                let bytes = BASE64.decode(payload).ok()?;
+                if bytes.len() < 24 {
+                    return None;
+                }
+                let (nonce, sealed) = bytes.split_at(24);
+                let aad = format!("{}:{fp}", self.aad);
+                let payload = Payload {
+                    msg: sealed,
+                    aad: aad.as_bytes(),
+                };
+                cipher.decrypt(XNonce::from_slice(nonce), payload).ok()?
+            }
+            _ => return None,
+        };
+        Some((fp, serde_json::from_slice(&json).ok()?))
+    }
 }
 
 /// A short digest that tells tokens apart without revealing them.
@@ -882,42 +1003,46 @@ mod tests {
     fn stored_token_round_trips_and_near_expiry_counts_as_absent() {
         let token = AccessToken::bearer("s3cr3t").unwrap().with_scope("full");
         let now = 1_000_000;
-        let value = encode(&token, now, Some(now + 3_600_000));
+        let codec = Codec {
+            cipher: None,
+            aad: "k",
+        };
+        let value = codec.encode(&token, now, Some(now + 3_600_000));
         assert!(value.starts_with(&format!("{}:json:", fingerprint(&token))));
-        let (fp, stored) = decode(&value).unwrap();
+        let (fp, stored) = codec.decode(&value).unwrap();
         assert_eq!(fp, fingerprint(&token));
         assert!(!format!("{stored:?}").contains("s3cr3t"));
 
-        let (_, stored) = decode(&value).unwrap();
+        let (_, stored) = codec.decode(&value).unwrap();
         let read = stored
             .into_token(now + 1000, Duration::from_secs(60))
             .unwrap();
         assert_eq!((read.secret(), read.scope()), ("s3cr3t", Some("full")));
         assert!(read.expires_at().is_some());
         // Within the margin of expiry: absent.
-        let (_, stored) = decode(&value).unwrap();
+        let (_, stored) = codec.decode(&value).unwrap();
         assert!(
             stored
                 .into_token(now + 3_550_000, Duration::from_secs(60))
                 .is_none()
         );
         // The margin is capped at half the lifetime.
-        let short = encode(&token, now, Some(now + 10_000));
-        let (_, stored) = decode(&short).unwrap();
+        let short = codec.encode(&token, now, Some(now + 10_000));
+        let (_, stored) = codec.decode(&short).unwrap();
         assert!(
             stored
                 .into_token(now + 4_000, Duration::from_secs(60))
                 .is_some()
         );
-        let (_, stored) = decode(&short).unwrap();
+        let (_, stored) = codec.decode(&short).unwrap();
         assert!(
             stored
                 .into_token(now + 5_000, Duration::from_secs(60))
                 .is_none()
         );
         // Without expiry: always fresh.
-        let forever = encode(&token, now, None);
-        let (_, stored) = decode(&forever).unwrap();
+        let forever = codec.encode(&token, now, None);
+        let (_, stored) = codec.decode(&forever).unwrap();
         assert!(
             stored
                 .into_token(u64::MAX, Duration::from_secs(60))
@@ -926,7 +1051,68 @@ mod tests {
     }
 
     #[test]
+    fn encrypted_tokens_hide_the_secret_and_need_the_key_and_the_redis_key() {
+        let key = EncryptionKey::generate();
+        let cipher = XChaCha20Poly1305::new(&(*key.0).into());
+        let codec = Codec {
+            cipher: Some(&cipher),
+            aad: "blaze-auth:{d}:token",
+        };
+        let token = AccessToken::bearer("s3cr3t-token").unwrap();
+        let value = codec.encode(&token, 1, None);
+        assert!(value.starts_with(&format!("{}:xc20p:", fingerprint(&token))));
+        assert!(!value.contains("s3cr3t"), "{value}");
+        assert_ne!(
+            value,
+            codec.encode(&token, 1, None),
+            "a fresh nonce each time"
+        );
+        let (_, stored) = codec.decode(&value).unwrap();
+        assert_eq!(stored.access_token, "s3cr3t-token");
+
+        let other_key = XChaCha20Poly1305::new(&(*EncryptionKey::generate().0).into());
+        let clear = Codec {
+            cipher: None,
+            ..codec
+        };
+        let wrong_key = Codec {
+            cipher: Some(&other_key),
+            ..codec
+        };
+        let moved = Codec {
+            aad: "blaze-auth:{e}:token",
+            ..codec
+        };
+        for codec_that_cannot_read in [clear, wrong_key, moved] {
+            assert!(codec_that_cannot_read.decode(&value).is_none());
+        }
+        // A process with a key reads no token stored in clear.
+        assert!(codec.decode(&clear.encode(&token, 1, None)).is_none());
+        // The fingerprint is bound too.
+        let forged = format!("{}{}", "0".repeat(32), &value[32..]);
+        assert!(codec.decode(&forged).is_none());
+    }
+
+    #[test]
+    fn encryption_keys_come_as_base64_of_32_bytes_and_never_show() {
+        let encoded = BASE64.encode([7u8; 32]);
+        let key = EncryptionKey::from_base64(&format!(" {encoded}\n")).unwrap();
+        assert_eq!(*key.0, [7u8; 32]);
+        assert_eq!(format!("{key:?}"), "EncryptionKey([redacted])");
+        let short = BASE64.encode([7u8; 31]);
+        let long = BASE64.encode([7u8; 33]);
+        for bad in ["", "not base64!", &short, &long] {
+            let error = EncryptionKey::from_base64(bad).unwrap_err();
+            assert!(error.is_invalid_key(), "{bad}");
+        }
+    }
+
+    #[test]
     fn garbage_in_redis_is_not_a_token() {
+        let codec = Codec {
+            cipher: None,
+            aad: "k",
+        };
         for value in [
             "",
             "abc",
@@ -934,7 +1120,7 @@ mod tests {
             "fp:json:{",
             "fp:json:{\"token_type\":\"Bearer\"}",
         ] {
-            assert!(decode(value).is_none(), "{value}");
+            assert!(codec.decode(value).is_none(), "{value}");
         }
     }
 
