@@ -79,7 +79,9 @@
 //! # Clocks
 //!
 //! Expiry is stored as wall-clock time, so the processes' clocks must roughly agree (NTP);
-//! the refresh margin absorbs the difference.
+//! the refresh margin absorbs the difference. Timeouts, leases and waits run on Tokio's
+//! clock: in a test with paused time, Tokio would skip over a Redis round trip and time it
+//! out, so test with real time, as Redis's own lease expiry needs anyway.
 
 use crate::{
     error::{BoxError, Error},
