@@ -16,7 +16,10 @@ pub struct Error {
 }
 
 // Some kinds are made only by feature-gated code; the predicates exist with every feature set.
-#[cfg_attr(not(all(feature = "oauth2", feature = "rustls")), allow(dead_code))]
+#[cfg_attr(
+    not(all(feature = "oauth2", feature = "rustls", feature = "redis")),
+    allow(dead_code)
+)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
     Inner,
@@ -31,6 +34,7 @@ enum Kind {
     InsecureUrl,
     Tls,
     NoHttpClient,
+    InvalidKey,
     Env { var: &'static str, missing: bool },
 }
 
@@ -81,7 +85,7 @@ impl Error {
         Self::new(Kind::InvalidUrl, None)
     }
 
-    #[cfg(feature = "oauth2")]
+    #[cfg(any(feature = "oauth2", feature = "redis"))]
     pub(crate) fn invalid_url(source: Option<BoxError>) -> Self {
         Self::new(Kind::InvalidUrl, source.map(Source::Owned))
     }
@@ -89,6 +93,11 @@ impl Error {
     #[cfg(feature = "oauth2")]
     pub(crate) fn insecure_url() -> Self {
         Self::new(Kind::InsecureUrl, None)
+    }
+
+    #[cfg(feature = "redis")]
+    pub(crate) fn invalid_key() -> Self {
+        Self::new(Kind::InvalidKey, None)
     }
 
     #[cfg(feature = "rustls")]
@@ -172,6 +181,11 @@ impl Error {
         self.kind == Kind::NoHttpClient
     }
 
+    /// An encryption key for tokens kept in Redis is not 32 bytes in standard base64.
+    pub fn is_invalid_key(&self) -> bool {
+        self.kind == Kind::InvalidKey
+    }
+
     /// A required `BLAZE_*` environment variable is not set, or is not valid unicode; the
     /// message names it.
     pub fn is_env(&self) -> bool {
@@ -194,6 +208,7 @@ impl fmt::Display for Error {
             Kind::InsecureUrl => "plain http is allowed for loopback hosts only",
             Kind::Tls => "could not set up TLS",
             Kind::NoHttpClient => "no HTTP client for the token request",
+            Kind::InvalidKey => "encryption key is not 32 bytes in base64",
             Kind::Env { var, missing } => {
                 let problem = if missing {
                     "is not set"

@@ -144,3 +144,9 @@ pub use crate::{
 #[cfg(feature = "oauth2")]
 #[cfg_attr(docsrs, doc(cfg(feature = "oauth2")))]
 pub use crate::token::oauth2::{BlazeEnv, ClientAuth, ClientCredentials, ClientSecret, TokenError};
+
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub use crate::token::redis::{
+    EncryptionKey, RedisMetrics, RedisShared, RedisSharedBuilder, SharedKey,
+};

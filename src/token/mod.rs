@@ -33,6 +33,9 @@ pub(crate) mod cache;
 #[cfg(feature = "oauth2")]
 #[cfg_attr(docsrs, doc(cfg(feature = "oauth2")))]
 pub mod oauth2;
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub mod redis;
 
 use crate::error::{BoxError, Error};
 use http::HeaderValue;

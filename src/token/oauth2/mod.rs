@@ -145,6 +145,11 @@ struct Inner {
     endpoint: Box<str>,
     client_id: Box<str>,
     secret: ClientSecret,
+    /// The scope and extra parameters as given, for [`ClientCredentials::shared_key`].
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    scope: Option<Box<str>>,
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    params: Vec<(Box<str>, Box<str>)>,
     /// The form for every token request, secret included when it goes in the body.
     form: Bytes,
     /// The `Authorization: Basic` header, when the client authenticates so.
@@ -213,6 +218,39 @@ impl ClientCredentials {
     pub async fn fetch_token(&self) -> Result<AccessToken, TokenError> {
         let span = tracing::debug_span!("blaze_auth::token_fetch", endpoint = %self.inner.endpoint);
         self.inner.fetch().instrument(span).await
+    }
+
+    /// The key under which [`RedisShared`](crate::RedisShared) shares this source's tokens
+    /// among processes: the token URL, client id, scope and extra parameters, not the
+    /// secret.
+    ///
+    /// ```no_run
+    /// use blaze_auth::{BlazeAuthLayer, ClientCredentials, RedisShared};
+    ///
+    /// # fn run() -> Result<(), blaze_auth::Error> {
+    /// let source = ClientCredentials::blaze_staging("my-client-id", "my-client-secret").build()?;
+    /// let key = source.shared_key();
+    /// let shared = RedisShared::builder(source, key)
+    ///     .redis_url("redis://redis.internal:6379/")
+    ///     .build()?;
+    /// let layer = BlazeAuthLayer::new(shared, "FHIR-T");
+    /// # let _ = layer;
+    /// # Ok(())
+    /// # }
+    /// ```
+    #[cfg(feature = "redis")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+    pub fn shared_key(&self) -> crate::token::redis::SharedKey {
+        let inner = &self.inner;
+        let mut key =
+            crate::token::redis::SharedKey::new(&inner.token_url.to_string(), &inner.client_id);
+        if let Some(scope) = &inner.scope {
+            key = key.scope(scope);
+        }
+        for (name, value) in &inner.params {
+            key = key.param(name, value);
+        }
+        key
     }
 }
 
@@ -516,6 +554,12 @@ impl ClientCredentialsBuilder {
                 endpoint: endpoint.into(),
                 client_id: self.client_id.into(),
                 secret: self.secret,
+                scope: self.scope.map(Into::into),
+                params: self
+                    .params
+                    .into_iter()
+                    .map(|(name, value)| (name.into(), value.into()))
+                    .collect(),
                 form: Bytes::from(form.finish()),
                 basic,
                 default_lifetime: self.default_lifetime,
@@ -622,6 +666,33 @@ mod tests {
         assert!(header.is_sensitive());
         // base64("id%3A1:s%26cr+t")
         assert_eq!(header, "Basic aWQlM0ExOnMlMjZjcit0");
+    }
+
+    #[cfg(feature = "redis")]
+    #[test]
+    fn shared_key_follows_every_input_but_the_secret() {
+        let key = |url: &str, id: &str, secret: &str, scope: &str, audience: &str| {
+            ClientCredentials::builder(url, id, secret)
+                .scope(scope)
+                .param("audience", audience)
+                .build()
+                .unwrap()
+                .shared_key()
+        };
+        let base = key("https://h/token", "id", "secret", "full", "a");
+        assert_eq!(
+            base,
+            key("https://h/token", "id", "other-secret", "full", "a")
+        );
+        for other in [
+            key("https://h/token2", "id", "secret", "full", "a"),
+            key("https://h/token", "id2", "secret", "full", "a"),
+            key("https://h/token", "id", "secret", "read", "a"),
+            key("https://h/token", "id", "secret", "full", "b"),
+        ] {
+            assert_ne!(base.digest(), other.digest());
+        }
+        assert!(!format!("{base:?}").contains("secret"));
     }
 
     #[test]

@@ -1,0 +1,170 @@
+//! A fleet of processes against one token endpoint, with and without `RedisShared`: prints
+//! the token fetches per minute of each run.
+//!
+//! Each simulated process has its own layer (its own in-memory token cache), its own
+//! `ClientCredentials` and, in the second run, its own `RedisShared` with its own Redis
+//! connection; they run as tasks against the embedded Blaze stand-in, whose tokens live a few
+//! seconds so that the runs are short. Redis is `REDIS_URL` if set, else a `redis-server`
+//! started on a free port (and stopped at the end).
+//!
+//! `cargo run --example fleet --features redis -- [PROCESSES] [SECONDS]` (default 8, 10)
+
+use blaze_auth::{
+    BlazeAuth, BlazeAuthLayer, BoxError, ClientCredentials, RedisShared, TokenSource,
+    testing::{DEMO_CLIENT_ID, DEMO_CLIENT_SECRET, DEMO_STUDY, StandIn},
+};
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper_util::{
+    client::legacy::{Client, connect::HttpConnector},
+    rt::TokioExecutor,
+};
+use std::{
+    net::{Ipv4Addr, TcpListener, TcpStream},
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+use tokio::{task::JoinSet, time::Instant};
+use tower::{Layer, ServiceExt};
+
+/// How long the stand-in's tokens live: the layer refreshes them at half that.
+const TOKEN_LIFETIME: Duration = Duration::from_secs(4);
+
+#[tokio::main]
+async fn main() {
+    if let Err(error) = run().await {
+        eprintln!("error: {error}");
+        std::process::exit(1);
+    }
+}
+
+async fn run() -> Result<(), BoxError> {
+    let mut args = std::env::args().skip(1);
+    let processes: usize = args.next().map_or(Ok(8), |n| n.parse())?;
+    let seconds: u64 = args.next().map_or(Ok(10), |n| n.parse())?;
+    let run_for = Duration::from_secs(seconds);
+
+    let (redis_url, _server) = match std::env::var("REDIS_URL") {
+        Ok(url) => (url, None),
+        Err(_) => {
+            let server = RedisServer::start()?;
+            (server.url(), Some(server))
+        }
+    };
+    let stand_in = StandIn::builder()
+        .token_lifetime(TOKEN_LIFETIME)
+        .start()
+        .await?;
+    println!(
+        "{processes} processes, {seconds} s per run, tokens live {} s",
+        TOKEN_LIFETIME.as_secs()
+    );
+
+    let mut per_minute = Vec::new();
+    for shared in [false, true] {
+        let before = stand_in.tokens_issued();
+        let mut fleet = JoinSet::new();
+        for _ in 0..processes {
+            let source =
+                ClientCredentials::blaze(&stand_in.base_url(), DEMO_CLIENT_ID, DEMO_CLIENT_SECRET)
+                    .build()?;
+            let client = if shared {
+                let key = source.shared_key();
+                let shared = RedisShared::builder(source, key)
+                    .redis_url(&redis_url)
+                    // A fresh key space per run of the example.
+                    .key_prefix(&format!("blaze-auth-fleet-{}:", std::process::id()))
+                    .build()?;
+                process(shared)
+            } else {
+                process(source)
+            };
+            let api_url = stand_in.api_url();
+            fleet.spawn(requests(client, api_url, run_for));
+        }
+        let mut requests = 0;
+        while let Some(process) = fleet.join_next().await {
+            requests += process??;
+        }
+        let fetches = stand_in.tokens_issued() - before;
+        let rate = fetches as f64 * 60.0 / run_for.as_secs_f64();
+        per_minute.push(rate);
+        println!(
+            "{:<17} {requests:>6} requests, {fetches:>4} token fetches = {rate:>6.0} per minute",
+            if shared {
+                "with RedisShared:"
+            } else {
+                "without:"
+            },
+        );
+    }
+    println!(
+        "the shared cache fetched {:.1}x fewer tokens",
+        per_minute[0] / per_minute[1].max(f64::MIN_POSITIVE)
+    );
+    Ok(())
+}
+
+type Process = BlazeAuth<Client<HttpConnector, Full<Bytes>>>;
+
+/// One process: a layer of its own over hyper-util's client.
+fn process(source: impl TokenSource + 'static) -> Process {
+    let layer = BlazeAuthLayer::new(source, DEMO_STUDY);
+    layer.layer(Client::builder(TokioExecutor::new()).build_http())
+}
+
+/// Reads a Patient every 20 ms until `run_for` is over; returns how many.
+async fn requests(client: Process, api_url: String, run_for: Duration) -> Result<u64, BoxError> {
+    let end = Instant::now() + run_for;
+    let mut done = 0;
+    while Instant::now() < end {
+        let request =
+            http::Request::get(format!("{api_url}/Patient/p-0001")).body(Full::default())?;
+        let response = client.clone().oneshot(request).await?;
+        if !response.status().is_success() {
+            return Err(format!("the stand-in answered {}", response.status()).into());
+        }
+        done += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(done)
+}
+
+/// A `redis-server` on a free port of 127.0.0.1, without persistence, stopped on drop.
+struct RedisServer {
+    port: u16,
+    child: Child,
+}
+
+impl RedisServer {
+    fn start() -> Result<Self, BoxError> {
+        let port = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?
+            .local_addr()?
+            .port();
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("cannot start redis-server ({e}): install it or set REDIS_URL"))?;
+        let server = Self { port, child };
+        for _ in 0..500 {
+            if TcpStream::connect((Ipv4Addr::LOCALHOST, port)).is_ok() {
+                return Ok(server);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Err("redis-server did not start".into())
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

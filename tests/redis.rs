@@ -1,0 +1,595 @@
+//! `RedisShared` against real `redis-server` processes: each test starts its own on a free
+//! port, so it can stop, pause or restart it. "Processes" are separate layers, each with its
+//! own in-memory cache, its own `RedisShared` and its own Redis connection, in separate tasks.
+//!
+//! These tests need `redis-server` on the `PATH` (Debian: `apt-get install redis-server`);
+//! without it they fail, they do not skip.
+#![cfg(feature = "redis")]
+
+use blaze_auth::{
+    AccessToken, BlazeAuth, BlazeAuthLayer, EncryptionKey, RedisShared, SharedKey, TokenSource,
+    token_fn,
+};
+use http::{Request, Response, StatusCode, header::AUTHORIZATION};
+use std::{
+    collections::HashSet,
+    convert::Infallible,
+    io::{Read, Write},
+    net::{Ipv4Addr, TcpListener, TcpStream},
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+use tokio::{sync::Notify, task::JoinSet};
+use tower::{Layer, ServiceExt, service_fn, util::BoxCloneService};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn eight_processes_with_an_expired_shared_token_fetch_one_token() {
+    let redis = RedisServer::start();
+    let endpoint = Endpoint::new(Duration::from_millis(200));
+    let key = key();
+    // The shared token has expired: every process needs a new one at once.
+    redis.set(&token_key(&key), &expired_value()).await;
+
+    let mut processes = JoinSet::new();
+    for _ in 0..8 {
+        let shared = shared(&redis, &key, &endpoint).build().unwrap();
+        let client = client(shared.clone(), &endpoint);
+        processes.spawn(async move {
+            let mut requests = JoinSet::new();
+            for _ in 0..1000 {
+                let client = client.clone();
+                requests.spawn(async move { get(client).await });
+            }
+            let mut tokens = HashSet::new();
+            while let Some(answer) = requests.join_next().await {
+                let (status, token) = answer.unwrap();
+                assert_eq!(status, StatusCode::OK);
+                tokens.insert(token);
+            }
+            (tokens, shared.metrics())
+        });
+    }
+    let mut tokens = HashSet::new();
+    let mut source_fetches = 0;
+    let mut shared_hits = 0;
+    while let Some(process) = processes.join_next().await {
+        let (seen, metrics) = process.unwrap();
+        tokens.extend(seen);
+        source_fetches += metrics.source_fetches;
+        shared_hits += metrics.shared_hits;
+        assert_eq!(metrics.fallbacks, 0, "{metrics:?}");
+    }
+    assert_eq!(
+        endpoint.fetches(),
+        1,
+        "one token fetch for 8 x 1000 requests"
+    );
+    assert_eq!(source_fetches, 1);
+    assert_eq!(
+        shared_hits, 7,
+        "the other seven processes read it from Redis"
+    );
+    assert_eq!(tokens, HashSet::from(["token-1".to_owned()]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_lock_holder_is_taken_over_after_its_lease() {
+    let redis = RedisServer::start();
+    let key = key();
+
+    // Process A takes the lock and starts fetching, then dies mid-fetch: no release, no more
+    // lease renewals.
+    let started = Arc::new(Notify::new());
+    let hanging = {
+        let started = Arc::clone(&started);
+        token_fn(move |_| {
+            let started = Arc::clone(&started);
+            async move {
+                started.notify_one();
+                std::future::pending::<Result<AccessToken, Infallible>>().await
+            }
+        })
+    };
+    // A long lease for this test only, so that the lock is surely still there when checked.
+    let lease = Duration::from_secs(2);
+    let a = shared_with(&redis, &key, hanging)
+        .lease(lease)
+        .build()
+        .unwrap();
+    let crashed = tokio::spawn(async move { a.fetch(None).await });
+    started.notified().await;
+    crashed.abort();
+    let _ = crashed.await;
+    assert!(redis.pttl(&lock_key(&key)).await > 0, "A's lock outlives A");
+
+    // Process B waits for A's token, then takes over when A's lease runs out.
+    let endpoint = Endpoint::new(Duration::ZERO);
+    let b = shared(&redis, &key, &endpoint)
+        .lease(lease)
+        .build()
+        .unwrap();
+    let token = b.fetch(None).await.unwrap();
+    assert_eq!(token.secret(), "token-1");
+    assert_eq!(endpoint.fetches(), 1);
+    let metrics = b.metrics();
+    assert_eq!(
+        (metrics.source_fetches, metrics.fallbacks),
+        (1, 0),
+        "{metrics:?}"
+    );
+    assert!(
+        redis.get(&token_key(&key)).await.is_some(),
+        "B stored its token"
+    );
+    assert!(
+        redis.get(&lock_key(&key)).await.is_none(),
+        "B released the lock"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_token_is_deleted_only_while_it_is_the_stored_one() {
+    let redis = RedisServer::start();
+    let endpoint = Endpoint::new(Duration::ZERO);
+    let key = key();
+    let a = shared(&redis, &key, &endpoint).build().unwrap();
+    let b = shared(&redis, &key, &endpoint).build().unwrap();
+
+    let first = a.fetch(None).await.unwrap();
+    assert_eq!(b.fetch(None).await.unwrap().secret(), first.secret());
+    assert_eq!(endpoint.fetches(), 1);
+
+    // B is refused `first`: it is deleted, and B fetches and stores the next token.
+    let second = b.fetch(Some(&first)).await.unwrap();
+    assert_eq!(second.secret(), "token-2");
+    assert_eq!(b.metrics().invalidations, 1);
+    assert!(
+        redis
+            .get(&token_key(&key))
+            .await
+            .unwrap()
+            .contains("token-2")
+    );
+
+    // A is refused `first` later: `second` is stored now and stays; A gets it.
+    let for_a = a.fetch(Some(&first)).await.unwrap();
+    assert_eq!(for_a.secret(), "token-2");
+    assert_eq!(a.metrics().invalidations, 0);
+    assert_eq!(endpoint.fetches(), 2);
+    assert!(
+        redis
+            .get(&token_key(&key))
+            .await
+            .unwrap()
+            .contains("token-2")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_keep_succeeding_when_redis_stops_and_sharing_resumes_when_it_returns() {
+    let mut redis = RedisServer::start();
+    let port = redis.port;
+    let endpoint = Endpoint::new(Duration::ZERO);
+    let key = key();
+    let first = shared(&redis, &key, &endpoint)
+        .op_timeout(Duration::from_millis(250))
+        .build()
+        .unwrap();
+    let process = client(first.clone(), &endpoint);
+    assert_all_ok(&process, 100).await;
+    assert!(redis.get(&token_key(&key)).await.is_some());
+
+    // Redis stops mid-run; the server refuses the token: the process gets a new one without
+    // Redis, and every request succeeds.
+    redis.stop();
+    endpoint.revoke_all();
+    assert_all_ok(&process, 100).await;
+    endpoint.revoke_all();
+    assert_all_ok(&process, 100).await;
+    let metrics = first.metrics();
+    assert!(
+        metrics.fallbacks >= 2 && metrics.redis_errors >= 2,
+        "{metrics:?}"
+    );
+    assert_eq!(endpoint.fetches(), 3);
+
+    // Redis returns (empty). The next fetches go through it again: the process stores its
+    // token there, and a new process reads it instead of fetching.
+    let redis = RedisServer::start_on(port);
+    let mut stored = None;
+    for _ in 0..50 {
+        endpoint.revoke_all();
+        assert_all_ok(&process, 10).await;
+        stored = redis.get(&token_key(&key)).await;
+        if stored.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        stored.is_some(),
+        "the token was never stored after Redis returned"
+    );
+    let fetches = endpoint.fetches();
+    let newcomer = shared(&redis, &key, &endpoint).build().unwrap();
+    assert_all_ok(&client(newcomer.clone(), &endpoint), 10).await;
+    assert_eq!(
+        endpoint.fetches(),
+        fetches,
+        "the new process fetched no token"
+    );
+    assert_eq!(newcomer.metrics().shared_hits, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_that_hangs_costs_one_op_timeout_then_the_source_answers() {
+    let redis = RedisServer::start();
+    let endpoint = Endpoint::new(Duration::ZERO);
+    let key = key();
+    let shared = shared(&redis, &key, &endpoint)
+        .op_timeout(Duration::from_millis(200))
+        .build()
+        .unwrap();
+    assert_eq!(shared.fetch(None).await.unwrap().secret(), "token-1");
+
+    redis.pause();
+    let refused = AccessToken::bearer("token-1").unwrap();
+    let token = shared.fetch(Some(&refused)).await.unwrap();
+    assert_eq!(token.secret(), "token-2");
+    let metrics = shared.metrics();
+    assert_eq!((metrics.fallbacks, metrics.redis_errors), (1, 1));
+    redis.resume();
+}
+
+#[tokio::test]
+async fn no_redis_at_all_is_a_fallback_not_an_error() {
+    let port = free_port();
+    let endpoint = Endpoint::new(Duration::ZERO);
+    let shared = RedisShared::builder(endpoint.source(), key())
+        .redis_url(&format!("redis://127.0.0.1:{port}/"))
+        .build()
+        .unwrap();
+    assert_all_ok(&client(shared.clone(), &endpoint), 10).await;
+    assert_eq!(endpoint.fetches(), 1);
+    assert_eq!(shared.metrics().fallbacks, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_hold_a_digest_and_a_new_input_is_a_new_key() {
+    let redis = RedisServer::start();
+    let endpoint = Endpoint::new(Duration::ZERO);
+    let full = SharedKey::new("http://127.0.0.1:1/token", "client-id-x").scope("full");
+    let read = SharedKey::new("http://127.0.0.1:1/token", "client-id-x").scope("read");
+    let a = shared(&redis, &full, &endpoint).build().unwrap();
+    let b = shared(&redis, &read, &endpoint).build().unwrap();
+    assert_eq!(a.fetch(None).await.unwrap().secret(), "token-1");
+    assert_eq!(b.fetch(None).await.unwrap().secret(), "token-2");
+
+    let keys = redis.keys().await;
+    assert_eq!(keys.len(), 2, "{keys:?}");
+    for key in &keys {
+        assert!(
+            key.starts_with("test:{") && key.ends_with("}:token"),
+            "{key}"
+        );
+        assert!(
+            !key.contains("client-id-x") && !key.contains("127.0.0.1"),
+            "{key}"
+        );
+    }
+    assert!(keys.contains(&token_key(&full)) && keys.contains(&token_key(&read)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn encrypted_tokens_are_shared_by_the_key_holders_only() {
+    let redis = RedisServer::start();
+    let endpoint = Endpoint::new(Duration::ZERO);
+    let key = key();
+    let secret = EncryptionKey::generate();
+    let a = shared(&redis, &key, &endpoint)
+        .encryption_key(secret.clone())
+        .build()
+        .unwrap();
+    let b = shared(&redis, &key, &endpoint)
+        .encryption_key(secret)
+        .build()
+        .unwrap();
+    assert_eq!(a.fetch(None).await.unwrap().secret(), "token-1");
+    let stored = redis.get(&token_key(&key)).await.unwrap();
+    assert!(
+        stored.contains(":xc20p:") && !stored.contains("token-1"),
+        "{stored}"
+    );
+    assert_eq!(b.fetch(None).await.unwrap().secret(), "token-1");
+    assert_eq!(endpoint.fetches(), 1);
+
+    // A process with another key cannot read it, and fetches its own.
+    let c = shared(&redis, &key, &endpoint)
+        .encryption_key(EncryptionKey::generate())
+        .build()
+        .unwrap();
+    assert_eq!(c.fetch(None).await.unwrap().secret(), "token-2");
+}
+
+// Helpers.
+
+/// A token endpoint: counts fetches, issues `token-1`, `token-2`, ... after a delay, and
+/// is also the API server that checks them.
+struct Endpoint {
+    fetches: AtomicU64,
+    delay: Duration,
+    revoked: Mutex<HashSet<String>>,
+}
+
+impl Endpoint {
+    fn new(delay: Duration) -> Arc<Self> {
+        Arc::new(Self {
+            fetches: AtomicU64::new(0),
+            delay,
+            revoked: Mutex::default(),
+        })
+    }
+
+    fn fetches(&self) -> u64 {
+        self.fetches.load(Ordering::SeqCst)
+    }
+
+    fn source(self: &Arc<Self>) -> impl TokenSource + 'static {
+        let endpoint = Arc::clone(self);
+        token_fn(move |_| {
+            let endpoint = Arc::clone(&endpoint);
+            async move {
+                let n = endpoint.fetches.fetch_add(1, Ordering::SeqCst) + 1;
+                tokio::time::sleep(endpoint.delay).await;
+                AccessToken::bearer(&format!("token-{n}"))
+                    .map(|t| t.with_expires_in(Duration::from_secs(3600)))
+            }
+        })
+    }
+
+    /// Revokes every token issued so far.
+    fn revoke_all(&self) {
+        let issued = self.fetches();
+        let mut revoked = self.revoked.lock().unwrap();
+        revoked.extend((1..=issued).map(|n| format!("token-{n}")));
+    }
+
+    /// 200 with the token as the body, or 401.
+    fn answer(&self, request: &Request<String>) -> Response<String> {
+        let token = request
+            .headers()
+            .get(AUTHORIZATION)
+            .and_then(|v| v.to_str().ok()?.strip_prefix("Bearer "))
+            .unwrap_or_default();
+        let valid = token.starts_with("token-") && !self.revoked.lock().unwrap().contains(token);
+        let mut response = Response::new(token.to_owned());
+        if !valid {
+            *response.status_mut() = StatusCode::UNAUTHORIZED;
+        }
+        response
+    }
+}
+
+type Client = BlazeAuth<BoxCloneService<Request<String>, Response<String>, Infallible>>;
+
+/// One "process": a layer with its own cache over `shared`, in front of `endpoint`'s API.
+fn client(shared: impl TokenSource + 'static, endpoint: &Arc<Endpoint>) -> Client {
+    let layer = BlazeAuthLayer::builder(shared)
+        .study("FHIR-T")
+        .storm_window(Duration::ZERO)
+        .build()
+        .unwrap();
+    let endpoint = Arc::clone(endpoint);
+    let api = service_fn(move |request: Request<String>| {
+        let response = endpoint.answer(&request);
+        async move { Ok::<_, Infallible>(response) }
+    });
+    layer.layer(BoxCloneService::new(api))
+}
+
+async fn get(client: Client) -> (StatusCode, String) {
+    let request = Request::get("/Patient").body(String::new()).unwrap();
+    let response = client.oneshot(request).await.unwrap();
+    (response.status(), response.into_body())
+}
+
+async fn assert_all_ok(client: &Client, n: usize) {
+    let mut requests = JoinSet::new();
+    for _ in 0..n {
+        requests.spawn(get(client.clone()));
+    }
+    while let Some(answer) = requests.join_next().await {
+        assert_eq!(answer.unwrap().0, StatusCode::OK);
+    }
+}
+
+fn key() -> SharedKey {
+    SharedKey::new("https://login.example.com/oauth/token", "client-1").scope("full")
+}
+
+fn shared(
+    redis: &RedisServer,
+    key: &SharedKey,
+    endpoint: &Arc<Endpoint>,
+) -> blaze_auth::RedisSharedBuilder<impl TokenSource + 'static> {
+    shared_with(redis, key, endpoint.source())
+}
+
+/// Test settings: a short lease, so a takeover is quick; a generous op timeout, so a busy
+/// machine does not look like a Redis outage.
+fn shared_with<S: TokenSource>(
+    redis: &RedisServer,
+    key: &SharedKey,
+    source: S,
+) -> blaze_auth::RedisSharedBuilder<S> {
+    RedisShared::builder(source, key.clone())
+        .redis_url(&redis.url())
+        .key_prefix("test:")
+        .lease(Duration::from_millis(300))
+        .poll_interval(Duration::from_millis(10))
+        .op_timeout(Duration::from_secs(2))
+}
+
+fn token_key(key: &SharedKey) -> String {
+    format!("test:{{{}}}:token", key.digest())
+}
+
+fn lock_key(key: &SharedKey) -> String {
+    format!("test:{{{}}}:lock", key.digest())
+}
+
+/// A stored token that expired a second ago, in the layout the module docs give.
+fn expired_value() -> String {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    format!(
+        "0123456789abcdef0123456789abcdef:json:{}",
+        serde_json::json!({
+            "token_type": "Bearer",
+            "access_token": "expired-token",
+            "expires_at_ms": now - 1000,
+            "stored_at_ms": now - 3_601_000,
+        })
+    )
+}
+
+fn free_port() -> u16 {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+    listener.local_addr().unwrap().port()
+}
+
+/// A `redis-server` on 127.0.0.1, without persistence, killed on drop.
+struct RedisServer {
+    port: u16,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    fn start() -> Self {
+        Self::start_on(free_port())
+    }
+
+    fn start_on(port: u16) -> Self {
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|error| {
+                panic!(
+                    "cannot start redis-server ({error}): these tests need a real Redis; \
+                     install it (Debian: apt-get install redis-server) or run .ci/run"
+                )
+            });
+        let mut server = Self {
+            port,
+            child: Some(child),
+        };
+        for _ in 0..500 {
+            // A server that exited could not have the port: another answers there.
+            let exited = server.child.as_mut().unwrap().try_wait().unwrap();
+            assert!(
+                exited.is_none(),
+                "redis-server on port {port} exited: {exited:?}"
+            );
+            if server.ping() {
+                return server;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("redis-server on port {port} did not answer PING within 5 s");
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    fn ping(&self) -> bool {
+        let Ok(mut stream) = TcpStream::connect((Ipv4Addr::LOCALHOST, self.port)) else {
+            return false;
+        };
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
+        let mut answer = [0; 7];
+        stream.write_all(b"PING\r\n").is_ok()
+            && stream.read_exact(&mut answer).is_ok()
+            && &answer == b"+PONG\r\n"
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGSTOP: the server keeps its connections and answers nothing.
+    fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().unwrap().id().to_string();
+        let status = Command::new("kill").args([signal, &pid]).status().unwrap();
+        assert!(status.success());
+    }
+
+    async fn connection(&self) -> redis::aio::MultiplexedConnection {
+        let client = redis::Client::open(self.url()).unwrap();
+        client.get_multiplexed_async_connection().await.unwrap()
+    }
+
+    async fn set(&self, key: &str, value: &str) {
+        let mut con = self.connection().await;
+        redis::cmd("SET")
+            .arg(key)
+            .arg(value)
+            .query_async::<()>(&mut con)
+            .await
+            .unwrap();
+    }
+
+    async fn get(&self, key: &str) -> Option<String> {
+        let mut con = self.connection().await;
+        redis::cmd("GET")
+            .arg(key)
+            .query_async(&mut con)
+            .await
+            .unwrap()
+    }
+
+    async fn pttl(&self, key: &str) -> i64 {
+        let mut con = self.connection().await;
+        redis::cmd("PTTL")
+            .arg(key)
+            .query_async(&mut con)
+            .await
+            .unwrap()
+    }
+
+    async fn keys(&self) -> Vec<String> {
+        let mut con = self.connection().await;
+        redis::cmd("KEYS")
+            .arg("*")
+            .query_async(&mut con)
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        // SIGKILL ends a paused server too.
+        self.stop();
+    }
+}
