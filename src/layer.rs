@@ -376,8 +376,9 @@ impl<R> Builder<R> {
     ///
     /// # Errors
     ///
-    /// The first invalid value given: a study id ([`Error::is_invalid_study`]) or a header
-    /// ([`Error::is_invalid_header`]).
+    /// An invalid value given: a header or an origin ([`Error::is_invalid_header`],
+    /// [`Error::is_invalid_url`]; the first of those), or else the study id
+    /// ([`Error::is_invalid_study`]).
     pub fn build(self) -> Result<BlazeAuthLayer<R>, Error> {
         if let Some(error) = self.error {
             return Err(error);
