@@ -22,22 +22,22 @@ where
     S: Service<Request<B>>,
 {
     #[pin]
-    state: State<S::Future, Oneshot<S, Request<B>>>,
+    state: State<S::Future, Oneshot<S, Request<B>>, Request<B>>,
     /// The service, while a call is still to be made: the first one after a token fetch,
     /// or the retry.
     inner: Option<S>,
-    /// The request, while it waits for its first token.
-    request: Option<Request<B>>,
     /// The copy to send after a 401, and the cache to get its new token from.
     retry: Option<(Request<B>, Arc<TokenCache>)>,
     /// Which cached token the request was sent with.
     sent_with: u64,
 }
 
+// The request waiting for its first token lives in `FetchToken`, not in a field of the
+// future: the future is moved at least once per request, and this keeps it a request smaller.
 #[pin_project(project = StateProj)]
-enum State<F, R> {
+enum State<F, R, Q> {
     /// Polls the token fetch the request waits for before its first call.
-    FetchToken { wait: TokenWait },
+    FetchToken { wait: TokenWait, request: Option<Q> },
     /// Polls the inner service's response to the first call.
     Call {
         #[pin]
@@ -73,15 +73,16 @@ where
                 Self {
                     state: State::Call { future },
                     inner: retry.is_some().then_some(inner),
-                    request: None,
                     retry,
                     sent_with,
                 }
             }
             Lookup::Wait(wait) => Self {
-                state: State::FetchToken { wait },
+                state: State::FetchToken {
+                    wait,
+                    request: Some(request),
+                },
                 inner: Some(inner),
-                request: Some(request),
                 retry,
                 sent_with: 0,
             },
@@ -93,7 +94,6 @@ where
         Self {
             state: State::Failed { error: Some(error) },
             inner: None,
-            request: None,
             retry: None,
             sent_with: 0,
         }
@@ -111,9 +111,9 @@ where
         let mut this = self.project();
         loop {
             match this.state.as_mut().project() {
-                StateProj::FetchToken { wait } => {
+                StateProj::FetchToken { wait, request } => {
                     let credential = ready!(Pin::new(wait).poll(cx))?;
-                    let mut request = this.request.take().expect("polled after completion");
+                    let mut request = request.take().expect("polled after completion");
                     *this.sent_with = authorize(&mut request, credential);
                     // Keep the service only if it may be needed for a retry.
                     let future = if this.retry.is_some() {
