@@ -4,7 +4,10 @@ use crate::{
     error::{BoxError, Error},
     token::cache::{Credential, Lookup, TokenCache, TokenWait},
 };
-use http::{Request, Response, StatusCode, header::AUTHORIZATION};
+use http::{
+    Extensions, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri, Version,
+    header::AUTHORIZATION, request::Parts,
+};
 use pin_project::pin_project;
 use std::{
     fmt,
@@ -27,7 +30,7 @@ where
     /// or the retry.
     inner: Option<S>,
     /// The copy to send after a 401, and the cache to get its new token from.
-    retry: Option<(Request<B>, Arc<TokenCache>)>,
+    retry: Option<(RequestCopy<B>, Arc<TokenCache>)>,
     /// Which cached token the request was sent with.
     sent_with: u64,
 }
@@ -62,7 +65,7 @@ where
     pub(crate) fn new(
         mut inner: S,
         mut request: Request<B>,
-        copy: Option<Request<B>>,
+        copy: Option<RequestCopy<B>>,
         cache: &Arc<TokenCache>,
     ) -> Self {
         let retry = copy.map(|copy| (copy, Arc::clone(cache)));
@@ -173,15 +176,68 @@ fn authorize<B>(request: &mut Request<B>, credential: Credential) -> u64 {
 /// The retry: the copy, with the new token, to the service once it is ready again.
 fn retry<S, B>(
     inner: &mut Option<S>,
-    retry: &mut Option<(Request<B>, Arc<TokenCache>)>,
+    retry: &mut Option<(RequestCopy<B>, Arc<TokenCache>)>,
     credential: Credential,
 ) -> Oneshot<S, Request<B>>
 where
     S: Service<Request<B>>,
 {
-    let (mut request, _) = retry.take().expect("retry without a copy");
+    let (copy, _) = retry.take().expect("retry without a copy");
+    let mut request = copy.into_request();
     authorize(&mut request, credential);
     Oneshot::new(inner.take().expect("retry without a service"), request)
+}
+
+/// A request kept for the retry after a 401: its head as it is sent, less the token, and a
+/// body for a second sending.
+///
+/// Every request that may be retried pays for this copy, and most are never retried. So the
+/// headers are kept as a list, one allocation (none for a request without headers), and put
+/// back into a header map only for a retry: cloning the `HeaderMap` would cost two, its
+/// entries and its hash index.
+pub(crate) struct RequestCopy<B> {
+    method: Method,
+    uri: Uri,
+    version: Version,
+    headers: Vec<(HeaderName, HeaderValue)>,
+    extensions: Extensions,
+    body: B,
+}
+
+impl<B> RequestCopy<B> {
+    pub(crate) fn new(parts: &Parts, body: B) -> Self {
+        let mut headers = Vec::with_capacity(parts.headers.len());
+        headers.extend(
+            parts
+                .headers
+                .iter()
+                .map(|(name, value)| (name.clone(), value.clone())),
+        );
+        Self {
+            method: parts.method.clone(),
+            uri: parts.uri.clone(),
+            version: parts.version,
+            headers,
+            extensions: parts.extensions.clone(),
+            body,
+        }
+    }
+
+    fn into_request(self) -> Request<B> {
+        let mut request = Request::new(self.body);
+        *request.method_mut() = self.method;
+        *request.uri_mut() = self.uri;
+        *request.version_mut() = self.version;
+        *request.extensions_mut() = self.extensions;
+        let headers = request.headers_mut();
+        headers.reserve(self.headers.len());
+        // In the order `iter` gave them: each name's values in their order, so `append`
+        // rebuilds the same map.
+        for (name, value) in self.headers {
+            headers.append(name, value);
+        }
+        request
+    }
 }
 
 impl<S, B> fmt::Debug for ResponseFuture<S, B>
