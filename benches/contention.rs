@@ -1,9 +1,12 @@
 //! `contention`: does the layer serialise concurrent requests? Throughput with 1, 2, 4 and 64
 //! tasks on the multi-thread runtime (one worker per core), the token cached.
 //!
-//! Four stacks around an immediately ready inner service that answers 200:
+//! Five stacks around an immediately ready inner service that answers 200:
 //!
 //! - `bare`: the inner service alone, the floor (the runtime's own cost per request);
+//! - `add_authorization`: tower-http's `AddAuthorization`, one fixed header value shared by
+//!   all requests: the floor for sharing one token across threads (each request takes and
+//!   drops a reference to it, one counter for all);
 //! - `blaze_auth`: [`BlazeAuth`](blaze_auth::BlazeAuth), defaults (bodies cloned for a retry);
 //! - `blaze_auth_no_replay`: the same with `NoReplay`: no copy for a retry, the same job as
 //!   `mutex_cache`;
@@ -26,7 +29,7 @@ mod support;
 
 use blaze_auth::{AccessToken, BlazeAuthLayer, BoxError, NoReplay};
 use bytes::Bytes;
-use criterion::{BenchmarkId, Criterion, Throughput};
+use criterion::{BenchmarkGroup, BenchmarkId, Criterion, Throughput, measurement::WallTime};
 use http::{HeaderValue, Request, header::AUTHORIZATION};
 use http_body_util::Full;
 use std::{
@@ -38,9 +41,10 @@ use std::{
     task::{Context, Poll},
     time::Duration,
 };
-use support::{Ok200, STUDY, get, source, with_study};
+use support::{Ok200, STUDY, TOKEN, get, source, with_study};
 use tokio::{runtime::Runtime, sync::Mutex, time::Instant};
 use tower::{Layer, Service, ServiceExt};
+use tower_http::auth::AddAuthorization;
 
 const TASKS: [u64; 4] = [1, 2, 4, 64];
 
@@ -60,6 +64,7 @@ fn contention(c: &mut Criterion) {
     let workers = rt.metrics().num_workers();
     println!("contention: {workers} worker threads");
 
+    let add_authorization = AddAuthorization::bearer(Ok200, TOKEN);
     let blaze_auth = BlazeAuthLayer::new(source(), STUDY).layer(Ok200);
     let no_replay = BlazeAuthLayer::new(source(), STUDY)
         .replay(NoReplay)
@@ -73,26 +78,36 @@ fn contention(c: &mut Criterion) {
     let mut group = c.benchmark_group("contention");
     group.throughput(Throughput::Elements(1));
     for tasks in TASKS {
-        group.bench_with_input(BenchmarkId::new("bare", tasks), &tasks, |b, &tasks| {
-            b.iter_custom(|iters| run(&rt, &Ok200, tasks, iters))
-        });
-        group.bench_with_input(
-            BenchmarkId::new("blaze_auth", tasks),
-            &tasks,
-            |b, &tasks| b.iter_custom(|iters| run(&rt, &blaze_auth, tasks, iters)),
+        bench(&mut group, &rt, "bare", &Ok200, tasks);
+        bench(
+            &mut group,
+            &rt,
+            "add_authorization",
+            &add_authorization,
+            tasks,
         );
-        group.bench_with_input(
-            BenchmarkId::new("blaze_auth_no_replay", tasks),
-            &tasks,
-            |b, &tasks| b.iter_custom(|iters| run(&rt, &no_replay, tasks, iters)),
-        );
-        group.bench_with_input(
-            BenchmarkId::new("mutex_cache", tasks),
-            &tasks,
-            |b, &tasks| b.iter_custom(|iters| run(&rt, &mutex_cache, tasks, iters)),
-        );
+        bench(&mut group, &rt, "blaze_auth", &blaze_auth, tasks);
+        bench(&mut group, &rt, "blaze_auth_no_replay", &no_replay, tasks);
+        bench(&mut group, &rt, "mutex_cache", &mutex_cache, tasks);
     }
     group.finish();
+}
+
+fn bench<S>(
+    group: &mut BenchmarkGroup<'_, WallTime>,
+    rt: &Runtime,
+    name: &str,
+    service: &S,
+    tasks: u64,
+) where
+    S: Service<Request<Body>> + Clone + Send + 'static,
+    S::Error: fmt::Debug,
+    S::Future: Send,
+    S::Response: Send,
+{
+    group.bench_with_input(BenchmarkId::new(name, tasks), &tasks, |b, &tasks| {
+        b.iter_custom(|iters| run(rt, service, tasks, iters))
+    });
 }
 
 /// Sends `iters` requests through clones of `service` from `tasks` tasks; the wall time.
