@@ -67,6 +67,18 @@ fn end_to_end(c: &mut Criterion) {
     client_rt.block_on(send(blaze_auth.clone(), uri.clone(), 1));
     client_rt.block_on(send(bare.clone(), uri.clone(), 1));
 
+    // `E2E_PROFILE=bare|blaze_auth`: 10,000 requests on 32 connections through one stack and
+    // nothing else; callgrind's totals of the two, subtracted, are the layer's instructions.
+    if let Ok(stack) = std::env::var("E2E_PROFILE") {
+        let elapsed = match stack.as_str() {
+            "bare" => run(&client_rt, &bare, &uri, 32, 10_000),
+            "blaze_auth" => run(&client_rt, &blaze_auth, &uri, 32, 10_000),
+            other => panic!("E2E_PROFILE: no stack {other:?}"),
+        };
+        println!("end_to_end/{stack}: 10,000 requests in {elapsed:?}");
+        return;
+    }
+
     let mut group = c.benchmark_group("end_to_end");
     group.throughput(Throughput::Elements(1));
     for connections in CONNECTIONS {
