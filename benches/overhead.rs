@@ -9,14 +9,19 @@
 //!   `Authorization` value and rebuild the URI with a pre-encoded `researchstudy` pair;
 //! - `d_blaze_auth_clone_body`: [`BlazeAuth`] with a `Clone` body, so the request is copied
 //!   for a retry after 401 (the default);
-//! - `e_blaze_auth_no_replay`: [`BlazeAuth`] with a body that is not `Clone`, and `NoReplay`.
+//! - `e_blaze_auth_no_replay`: [`BlazeAuth`] with a body that is not `Clone`, and `NoReplay`;
+//! - `f_blaze_auth_study_in_uri`: `d` with a URI that names the study already, as Blaze's
+//!   paging links do, which the layer leaves as it is: `d` without the URI rebuild.
 //!
 //! Each request is a FHIR search (`GET`, an absolute URI with a query, an `Accept` header, an
 //! empty body), built before the clock starts, in chunks of [`CHUNK`]; the clock covers
 //! `ready().await`, `call`, awaiting the response and dropping it.
 //!
 //! Ratios: criterion prints the mean time per request of each stack; the README divides
-//! `d` and `e` by `c` (target: `d / c <= 1.3`), and `b` and `c` by `a`.
+//! `d` and `e` by `c` (target: `d / c <= 1.3`), and `b` and `c` by `a`. The VM's speed drifts
+//! between benches run one after the other by as much as those ratios, so after criterion
+//! the bench also times all stacks in turn, 15 rounds of 200,000 requests each, and prints
+//! the median of the rounds' ratios (`overhead/interleaved`): the figures the README reports.
 //!
 //! Before criterion runs, the heap allocations per request of every stack are counted by the
 //! global allocator below (10,000 requests, outside any timing) and printed as
@@ -28,7 +33,7 @@ use blaze_auth::{BlazeAuth, BlazeAuthLayer, NoReplay};
 use bytes::Bytes;
 use criterion::{BenchmarkGroup, Criterion, measurement::WallTime};
 use http::{
-    HeaderValue, Request,
+    HeaderValue, Request, Uri,
     header::{ACCEPT, AUTHORIZATION},
 };
 use http_body_util::Full;
@@ -45,6 +50,8 @@ use tokio::runtime::Runtime;
 use tower::{Layer, Service, ServiceExt};
 use tower_http::auth::AddAuthorization;
 
+/// A next-page link as Blaze sends it: the study is in it already.
+const PAGING_LINK: &str = "https://blaze.example/msk-apim/external/v2/crit/blaze/api/Observation?researchstudy=FHIR-T&_count=50&__t=17&__page-id=AAAAAAAAAAA";
 /// Requests built ahead of one timed stretch.
 const CHUNK: u64 = 1024;
 /// Requests whose allocations are counted.
@@ -66,6 +73,7 @@ fn main() {
     });
     group.finish();
     criterion.final_summary();
+    report_interleaved(&rt, &mut stacks);
 }
 
 /// The stacks other than the bare service, built once, their tokens fetched and cached.
@@ -105,6 +113,11 @@ impl Stacks {
             "e_blaze_auth_no_replay",
             &mut self.no_replay,
             streaming_body,
+        );
+        visit.stack(
+            "f_blaze_auth_study_in_uri",
+            &mut self.clone_body,
+            paging_link,
         );
     }
 }
@@ -193,6 +206,76 @@ fn report_allocations(rt: &Runtime, stacks: &mut Stacks) {
     );
 }
 
+/// Times every stack in turn, round after round, and prints the median of each round's
+/// ratios: the VM's speed drifts between criterion's benches, one stack after the other, by
+/// as much as the ratios sought; in alternation all stacks see the same drift.
+fn report_interleaved(rt: &Runtime, stacks: &mut Stacks) {
+    // Quick when criterion only tests that the bench runs (no `--bench`: `cargo test`).
+    let (rounds, requests) = if std::env::args().any(|arg| arg == "--bench") {
+        (15, 200_000)
+    } else {
+        (1, 100)
+    };
+    let rounds: Vec<Round<'_>> = (0..rounds)
+        .map(|_| {
+            let mut round = Round {
+                rt,
+                requests,
+                times: Vec::new(),
+            };
+            stacks.each(&mut round);
+            round
+        })
+        .collect();
+    let ratio = |over: &str, under: &str| {
+        let mut ratios: Vec<f64> = rounds
+            .iter()
+            .map(|r| r.time(over) / r.time(under))
+            .collect();
+        ratios.sort_by(f64::total_cmp);
+        let (low, median, high) = (
+            ratios[0],
+            ratios[ratios.len() / 2],
+            ratios[ratios.len() - 1],
+        );
+        println!(
+            "overhead/interleaved: {over} / {under} = {median:.2} (median of {} rounds of \
+             {requests} requests each, {low:.2} to {high:.2})",
+            ratios.len()
+        );
+    };
+    ratio("b_tower_http_add_authorization", "a_bare");
+    ratio("c_hand_written", "a_bare");
+    ratio("d_blaze_auth_clone_body", "c_hand_written");
+    ratio("e_blaze_auth_no_replay", "c_hand_written");
+    ratio("f_blaze_auth_study_in_uri", "c_hand_written");
+}
+
+/// One round of [`report_interleaved`]: each stack's time for `requests` requests.
+struct Round<'a> {
+    rt: &'a Runtime,
+    requests: u64,
+    times: Vec<(String, Duration)>,
+}
+
+impl Round<'_> {
+    fn time(&self, name: &str) -> f64 {
+        let found = self.times.iter().find(|(n, _)| n == name);
+        found.expect("every stack is timed").1.as_secs_f64()
+    }
+}
+
+impl Visit for Round<'_> {
+    fn stack<S, B>(&mut self, name: &str, service: &mut S, make: fn() -> Request<B>)
+    where
+        S: Service<Request<B>>,
+        S::Error: fmt::Debug,
+    {
+        let elapsed = time(self.rt, service, make, self.requests);
+        self.times.push((name.to_owned(), elapsed));
+    }
+}
+
 /// With `OVERHEAD_PROFILE=<stack>`, sends [`COUNTED`] requests through that stack and does
 /// nothing else, for a profiler:
 ///
@@ -274,6 +357,13 @@ fn runtime() -> Runtime {
 /// A `GET` with an empty, cloneable body.
 fn clone_body() -> Request<Full<Bytes>> {
     with_accept(get(Full::new(Bytes::new())))
+}
+
+/// A `GET` of a paging link, which names the study already.
+fn paging_link() -> Request<Full<Bytes>> {
+    let mut request = clone_body();
+    *request.uri_mut() = Uri::from_static(PAGING_LINK);
+    request
 }
 
 /// A `GET` with an empty body that cannot be cloned, like hyper's `Incoming`.
