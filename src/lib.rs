@@ -103,6 +103,7 @@
 //! tests can pause and advance time.
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
+#![forbid(unsafe_code)]
 
 pub mod blaze;
 mod error;

@@ -2,7 +2,7 @@
 
 use crate::{
     error::{BoxError, Error},
-    future::{ResponseFuture, Retry},
+    future::{RequestCopy, ResponseFuture, Retry},
     layer::{BlazeAuthLayer, Config},
     metrics::Metrics,
     replay::{CloneBody, Replay},
@@ -96,7 +96,7 @@ where
         let (body, retry) = if self.config.retries(&parts.method) {
             let (body, copy) = self.replay.replayable(body);
             let retry = copy.map(|copy| Retry {
-                copy: Request::from_parts(parts.clone(), copy),
+                copy: RequestCopy::new(&parts, copy),
                 can_replay: R::can_replay,
             });
             (body, retry)
@@ -655,6 +655,63 @@ mod tests {
         assert_eq!(response.body(), "token-2");
         assert_eq!(source.fetches(), 2);
         assert_eq!(calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn the_retry_sends_the_same_head_with_a_new_token() {
+        #[derive(Clone, Debug, PartialEq)]
+        struct Tag(u32);
+        let heads = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let record = Arc::clone(&heads);
+        let service = service_fn(move |mut request: Request<String>| {
+            let token = sent_token(&request);
+            let headers = request.headers_mut();
+            assert!(headers.get(AUTHORIZATION).unwrap().is_sensitive());
+            headers.remove(AUTHORIZATION);
+            let head = (
+                request.method().clone(),
+                request.uri().clone(),
+                request.version(),
+                request.headers().clone(),
+                request.extensions().get::<Tag>().cloned(),
+            );
+            record.lock().unwrap().push(head);
+            let mut response = Response::new(());
+            *response.status_mut() = reject_first_token(&token);
+            async { Ok::<_, Infallible>(response) }
+        });
+        let layer = BlazeAuthLayer::builder(TestSource::new())
+            .study("S")
+            .partner_id("p")
+            .build()
+            .unwrap();
+        let mut request = Request::put("/Patient/1?a=1")
+            .version(http::Version::HTTP_2)
+            .header("x-b", "1")
+            .header("accept", "a")
+            .header("x-b", "2")
+            .body(String::new())
+            .unwrap();
+        request.extensions_mut().insert(Tag(7));
+        let response = layer.layer(service).oneshot(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let heads = heads.lock().unwrap();
+        assert_eq!(heads.len(), 2);
+        assert_eq!(heads[0], heads[1]);
+        let (method, uri, version, headers, tag) = &heads[1];
+        assert_eq!(
+            (method, uri.to_string(), *version, tag),
+            (
+                &Method::PUT,
+                "/Patient/1?a=1&researchstudy=S".to_owned(),
+                http::Version::HTTP_2,
+                &Some(Tag(7))
+            )
+        );
+        let values: Vec<_> = headers.get_all("x-b").iter().collect();
+        assert_eq!(values, ["1", "2"]);
+        assert_eq!(headers["accept"], "a");
+        assert!(headers["x-partnerid"].is_sensitive());
     }
 
     #[tokio::test]

@@ -67,16 +67,7 @@ impl ResearchStudy {
     pub(crate) fn add_to(&self, uri: Uri) -> Result<Uri, Error> {
         let query = uri.query();
         if let Some(query) = query {
-            let mut present = false;
-            for (name, value) in form_urlencoded::parse(query.as_bytes()) {
-                if name == PARAM {
-                    if *value != *self.inner.id {
-                        return Err(Error::study_conflict());
-                    }
-                    present = true;
-                }
-            }
-            if present {
+            if self.named_in(query)? {
                 return Ok(uri);
             }
         }
@@ -103,6 +94,32 @@ impl ResearchStudy {
             PathAndQuery::try_from(new).map_err(|error| Error::invalid_uri(Some(error.into())))?,
         );
         Uri::from_parts(parts).map_err(|error| Error::invalid_uri(Some(error.into())))
+    }
+
+    /// Whether `query` names this study already; an error if it names another.
+    fn named_in(&self, query: &str) -> Result<bool, Error> {
+        // A name decodes to ours only if it is ours as it stands or has a percent escape
+        // (`+` decodes to a space). Most queries have neither, and cost two quick scans; in
+        // the others, only such names, and their values, are decoded.
+        if !query.contains('%') && !query.contains(PARAM) {
+            return Ok(false);
+        }
+        let mut present = false;
+        for pair in query.as_bytes().split(|&b| b == b'&') {
+            let raw_name = pair.split(|&b| b == b'=').next().unwrap_or_default();
+            if raw_name != PARAM.as_bytes() && !raw_name.contains(&b'%') {
+                continue;
+            }
+            for (name, value) in form_urlencoded::parse(pair) {
+                if name == PARAM {
+                    if *value != *self.inner.id {
+                        return Err(Error::study_conflict());
+                    }
+                    present = true;
+                }
+            }
+        }
+        Ok(present)
     }
 }
 
@@ -199,6 +216,50 @@ mod tests {
             add("S", "/Patient?xresearchstudy=OTHER").unwrap(),
             "/Patient?xresearchstudy=OTHER&researchstudy=S"
         );
+    }
+
+    #[test]
+    fn the_quick_scan_agrees_with_decoding_every_pair() {
+        // `named_in` decodes only the pairs whose raw name may be ours; decoding them all
+        // must give the same answer.
+        let study = ResearchStudy::new("A B").unwrap();
+        let full = |query: &str| -> Result<bool, ()> {
+            let mut present = false;
+            for (name, value) in form_urlencoded::parse(query.as_bytes()) {
+                if name == PARAM {
+                    if value != "A B" {
+                        return Err(());
+                    }
+                    present = true;
+                }
+            }
+            Ok(present)
+        };
+        for query in [
+            "",
+            "&",
+            "a=1&b=2",
+            "researchstudy",
+            "researchstudy=",
+            "researchstudy=A+B",
+            "researchstudy=A%20B&x=%41",
+            "x=researchstudy&y=researchstudy%3DOTHER",
+            "research%73tudy=A+B",
+            "research%73tudy=OTHER&a=1",
+            "%72esearchstudy",
+            "researchstudy+=A+B",
+            "research+study=A+B",
+            "a=1&&researchstudy=A+B&",
+            "researchstudy=A+B=C",
+            "=researchstudy&researchstudy%=A+B",
+            "x%=1&researchstudy%3D=A+B",
+        ] {
+            assert_eq!(
+                study.named_in(query).map_err(drop),
+                full(query),
+                "{query:?}"
+            );
+        }
     }
 
     #[test]
