@@ -183,9 +183,7 @@ impl Issued {
 
 #[tokio::test(flavor = "current_thread")]
 async fn no_secret_in_anything_printed_during_a_run_with_faults() {
-    use blaze_auth::testing::{
-        ApiFailure, DEMO_CLIENT_ID, DEMO_CLIENT_SECRET, StandIn, TokenFailure,
-    };
+    use blaze_auth::testing::{ApiFailure, DEMO_CLIENT_SECRET, StandIn, TokenFailure};
 
     let captured = Captured::default();
     let writer = captured.clone();
@@ -202,21 +200,7 @@ async fn no_secret_in_anything_printed_during_a_run_with_faults() {
         .await
         .unwrap();
     let issued = Issued::default();
-    let env_vars = [
-        ("BLAZE_BASE_URL", stand_in.base_url()),
-        ("BLAZE_CLIENT_ID", DEMO_CLIENT_ID.to_owned()),
-        ("BLAZE_CLIENT_SECRET", DEMO_CLIENT_SECRET.to_owned()),
-        ("BLAZE_RESEARCH_STUDY", "FHIR-T".to_owned()),
-        ("BLAZE_PARTNER_ID", "partner-1".to_owned()),
-    ];
-    let env = blaze_auth::BlazeEnv::from_lookup(|name| {
-        let value = env_vars.iter().find(|(var, _)| *var == name);
-        value
-            .map(|(_, v)| v.clone())
-            .ok_or(std::env::VarError::NotPresent)
-    })
-    .unwrap()
-    .unwrap();
+    let env = stand_in.blaze_env();
     let builder = env
         .client_credentials()
         .http_client(issued.clone().client())

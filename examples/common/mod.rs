@@ -2,8 +2,7 @@
 //! the embedded stand-in; and FHIR search paging.
 
 use blaze_auth::{
-    BlazeAuth, BlazeAuthLayer, BlazeEnv, BoxError, ClientCredentials,
-    testing::{DEMO_CLIENT_ID, DEMO_CLIENT_SECRET, DEMO_STUDY, StandIn},
+    BlazeAuth, BlazeAuthLayer, BlazeEnv, BoxError, ClientCredentials, testing::StandIn,
 };
 use bytes::Bytes;
 use http::{Request, StatusCode};
@@ -40,22 +39,7 @@ pub(crate) async fn connect() -> Result<Blaze, BoxError> {
                 .require_partner_id(DEMO_PARTNER_ID)
                 .start()
                 .await?;
-            let vars = [
-                ("BLAZE_BASE_URL", stand_in.base_url()),
-                ("BLAZE_CLIENT_ID", DEMO_CLIENT_ID.to_owned()),
-                ("BLAZE_CLIENT_SECRET", DEMO_CLIENT_SECRET.to_owned()),
-                ("BLAZE_RESEARCH_STUDY", DEMO_STUDY.to_owned()),
-                ("BLAZE_PARTNER_ID", DEMO_PARTNER_ID.to_owned()),
-            ];
-            let env = BlazeEnv::from_lookup(|name| {
-                let value = vars
-                    .iter()
-                    .find(|(var, _)| *var == name)
-                    .map(|(_, v)| v.clone());
-                value.ok_or(std::env::VarError::NotPresent)
-            })?
-            .expect("the stand-in's settings are set");
-            (env, Some(stand_in))
+            (stand_in.blaze_env(), Some(stand_in))
         }
     };
     let source: ClientCredentials = env.client_credentials().build()?;

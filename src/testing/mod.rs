@@ -187,6 +187,22 @@ impl StandIn {
         format!("{}{TOKEN_PATH}", self.shared.base_url)
     }
 
+    /// The settings a partner's client would read from `BLAZE_*` variables, for this
+    /// stand-in: its base URL, the demo client ([`DEMO_CLIENT_ID`], [`DEMO_CLIENT_SECRET`]),
+    /// [`DEMO_STUDY`], and the partner id if one is [required](StandInBuilder::require_partner_id).
+    /// Code written against [`BlazeEnv`](crate::BlazeEnv) runs against the stand-in unchanged.
+    #[cfg(feature = "oauth2")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "oauth2")))]
+    pub fn blaze_env(&self) -> crate::BlazeEnv {
+        crate::BlazeEnv::new(
+            self.base_url(),
+            DEMO_CLIENT_ID,
+            DEMO_CLIENT_SECRET,
+            DEMO_STUDY,
+            self.shared.partner_id.as_deref(),
+        )
+    }
+
     /// Forgets every token issued so far: the API answers 401 to each. Tokens issued later
     /// are good.
     pub fn revoke_all_tokens(&self) {

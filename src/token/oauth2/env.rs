@@ -95,6 +95,26 @@ impl BlazeEnv {
         }))
     }
 
+    /// Settings with the default token URL and scope.
+    #[cfg_attr(not(feature = "testing"), allow(dead_code))]
+    pub(crate) fn new(
+        base_url: String,
+        client_id: &str,
+        client_secret: &str,
+        research_study: &str,
+        partner_id: Option<&str>,
+    ) -> Self {
+        Self {
+            token_url: format!("{base_url}{}", blaze::TOKEN_PATH),
+            client_id: client_id.to_owned(),
+            client_secret: client_secret.into(),
+            scope: blaze::SCOPE.to_owned(),
+            research_study: research_study.to_owned(),
+            partner_id: partner_id.map(str::to_owned),
+            base_url,
+        }
+    }
+
     /// A [`ClientCredentials`] builder for these settings.
     pub fn client_credentials(&self) -> ClientCredentialsBuilder {
         ClientCredentials::builder(&self.token_url, &self.client_id, self.client_secret.clone())
