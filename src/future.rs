@@ -39,12 +39,16 @@ where
     sent: Sent,
 }
 
-// The request waiting for its first token lives in `FetchToken`, not in a field of the
-// future: the future is moved at least once per request, and this keeps it a request smaller.
+// The future is moved at least once per request, so its size is paid on every request: the
+// states that only the rare paths reach (waiting for a token, the retry) box what they hold,
+// which keeps the future the size of the inner service's future plus the retry copy.
 #[pin_project(project = StateProj)]
 enum State<F, R, Q> {
     /// Polls the token fetch the request waits for before its first call.
-    FetchToken { wait: TokenWait, request: Option<Q> },
+    FetchToken {
+        wait: TokenWait,
+        request: Option<Box<Q>>,
+    },
     /// Polls the inner service's response to the first call.
     Call {
         #[pin]
@@ -53,10 +57,7 @@ enum State<F, R, Q> {
     /// Polls the token fetch after a 401, for the retry.
     Refresh { wait: TokenWait },
     /// Polls the retry: the inner service's readiness, then its response.
-    Retry {
-        #[pin]
-        future: R,
-    },
+    Retry { future: Pin<Box<R>> },
     /// Holds an error found before any call was made.
     Failed { error: Option<Error> },
 }
@@ -99,7 +100,7 @@ where
                 )
             }
             Lookup::Wait(wait) => {
-                let request = Some(request);
+                let request = Some(Box::new(request));
                 (
                     State::FetchToken { wait, request },
                     Some(inner),
@@ -150,7 +151,7 @@ where
             match this.state.as_mut().project() {
                 StateProj::FetchToken { wait, request } => {
                     let credential = ready!(Pin::new(wait).poll(cx))?;
-                    let mut request = request.take().expect("polled after completion");
+                    let mut request = *request.take().expect("polled after completion");
                     *this.sent = authorize(&mut request, credential);
                     // Keep the service only if it may be needed for a retry.
                     let future = if this.retry.is_some() {
@@ -213,7 +214,7 @@ where
                     this.state.set(State::Retry { future });
                 }
                 StateProj::Retry { future } => {
-                    let response = ready!(future.poll(cx)).map_err(Error::inner)?;
+                    let response = ready!(future.as_mut().poll(cx)).map_err(Error::inner)?;
                     if let Some(cache) = this.cache.as_ref() {
                         if Verdict::of(&response) != Verdict::Refused {
                             accepted(cache, *this.sent);
@@ -255,7 +256,7 @@ fn retry<S, B>(
     sent: &mut Sent,
     cache: &TokenCache,
     credential: Credential,
-) -> Oneshot<S, Request<B>>
+) -> Pin<Box<Oneshot<S, Request<B>>>>
 where
     S: Service<Request<B>>,
 {
@@ -266,7 +267,10 @@ where
         .copy
         .into_request();
     *sent = authorize(&mut request, credential);
-    Oneshot::new(inner.take().expect("retry without a service"), request)
+    Box::pin(Oneshot::new(
+        inner.take().expect("retry without a service"),
+        request,
+    ))
 }
 
 /// A request kept for the retry after a 401: its head as it is sent, less the token, and a

@@ -1,6 +1,6 @@
 //! Does a response say the token was refused, and can a new token help?
 
-use http::{HeaderMap, Response, StatusCode, header::WWW_AUTHENTICATE};
+use http::{HeaderMap, HeaderName, Response, StatusCode, header::WWW_AUTHENTICATE};
 
 /// What a response says about the token it answered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -17,6 +17,9 @@ pub(crate) enum Verdict {
 /// The gRPC status UNAUTHENTICATED.
 const GRPC_UNAUTHENTICATED: &[u8] = b"16";
 
+/// Parsed once: a lookup by `&str` parses and validates the name on every response.
+const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+
 impl Verdict {
     pub(crate) fn of<B>(response: &Response<B>) -> Self {
         match response.status() {
@@ -26,7 +29,7 @@ impl Verdict {
             StatusCode::OK
                 if response
                     .headers()
-                    .get("grpc-status")
+                    .get(GRPC_STATUS)
                     .is_some_and(|status| status.as_bytes() == GRPC_UNAUTHENTICATED) =>
             {
                 Self::Refused
