@@ -269,8 +269,12 @@ impl TokenCache {
         let cache = Arc::clone(self);
         self.counters.fetches.fetch_add(1, Ordering::Relaxed);
         let after_rejection = rejected.is_some();
-        tracing::debug!(after_rejection, "fetching a token");
-        let handle = runtime.spawn(async move {
+        // The fetch task runs in a span of its own, a root: it serves every request that
+        // waits for it, not the one that happened to start it. A source's events
+        // (ClientCredentials' attempts) nest under it.
+        let span = tracing::debug_span!(parent: None, "blaze_auth::cache_fetch", after_rejection);
+        let fetch = async move {
+            tracing::debug!("fetching a token");
             // A panicking source is reported like any failed fetch; a hanging one times out.
             let fetch = AssertUnwindSafe(cache.source.fetch(rejected.as_ref())).catch_unwind();
             let result = match tokio::time::timeout(cache.config.fetch_timeout, fetch).await {
@@ -279,7 +283,8 @@ impl TokenCache {
                 Err(_) => Err("token fetch timed out".into()),
             };
             cache.finish(result, after_rejection)
-        });
+        };
+        let handle = runtime.spawn(tracing::Instrument::instrument(fetch, span));
         let task = handle.abort_handle();
         let wait = TokenWait(FetchTask(Ok(handle)).shared());
         flight.pending = Some((wait.clone(), task));
