@@ -22,6 +22,19 @@ const CLIENT_SECRET: &str = "cl1ent-s3cret-value";
 #[derive(Clone, Default)]
 struct Captured(Arc<Mutex<Vec<u8>>>);
 
+impl Captured {
+    /// Captures everything logged at TRACE level on this thread, until the guard drops.
+    fn trace() -> (Self, tracing::subscriber::DefaultGuard) {
+        let captured = Self::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::TRACE)
+            .with_writer(move || writer.clone())
+            .finish();
+        (captured, tracing::subscriber::set_default(subscriber))
+    }
+}
+
 impl Write for Captured {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         self.0.lock().unwrap().extend_from_slice(buf);
@@ -45,13 +58,7 @@ fn chain(error: &(dyn std::error::Error + 'static)) -> String {
 
 #[tokio::test(flavor = "current_thread")]
 async fn no_secret_in_logs_errors_or_debug() {
-    let captured = Captured::default();
-    let writer = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_writer(move || writer.clone())
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (captured, _guard) = Captured::trace();
 
     // The token endpoint echoes what it got, fails in every way that repeats input, then
     // issues tokens; the API rejects the first token once.
@@ -185,13 +192,7 @@ impl Issued {
 async fn no_secret_in_anything_printed_during_a_run_with_faults() {
     use blaze_auth::testing::{ApiFailure, DEMO_CLIENT_SECRET, StandIn, TokenFailure};
 
-    let captured = Captured::default();
-    let writer = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_writer(move || writer.clone())
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (captured, _guard) = Captured::trace();
 
     let stand_in = StandIn::builder()
         .require_partner_id("partner-1")
