@@ -81,11 +81,6 @@ impl Error {
         Self::new(Kind::InvalidHeader, source.map(Source::Owned))
     }
 
-    pub(crate) fn invalid_origin() -> Self {
-        Self::new(Kind::InvalidUrl, None)
-    }
-
-    #[cfg(any(feature = "oauth2", feature = "redis"))]
     pub(crate) fn invalid_url(source: Option<BoxError>) -> Self {
         Self::new(Kind::InvalidUrl, source.map(Source::Owned))
     }

@@ -251,7 +251,7 @@ impl<R> Builder<R> {
                 self.origins.push(origin);
                 self
             }
-            None => self.fail(Error::invalid_origin()),
+            None => self.fail(Error::invalid_url(None)),
         }
     }
 

@@ -81,6 +81,16 @@ struct Flight {
     next_id: u64,
 }
 
+impl Flight {
+    /// The fetch under way, if its task is alive. A task that ended without clearing
+    /// `pending` was cancelled (its runtime shut down): another must start rather than its
+    /// error be handed out forever.
+    fn live_pending(&self) -> Option<&TokenWait> {
+        let (wait, task) = self.pending.as_ref()?;
+        (!task.is_finished()).then_some(wait)
+    }
+}
+
 struct Failure {
     error: SharedError,
     until: Instant,
@@ -143,6 +153,7 @@ impl TokenCache {
             let Some(expires_at) = entry.token.expires_at() else {
                 return Lookup::Ready(entry.credential());
             };
+            // Not `is_valid_at`: the clock is read only for a token that can expire.
             let now = Instant::now();
             if now < expires_at {
                 let refresh_at = entry.refresh_at.load(Ordering::Acquire);
@@ -177,15 +188,12 @@ impl TokenCache {
             if Some(entry.id) == rejected {
                 self.current.store(None);
                 rejected_token = Some(entry.token.clone());
-            } else if entry.token.expires_at().is_none_or(|at| now < at) {
+            } else if entry.is_valid_at(now) {
                 return Lookup::Ready(entry.credential());
             }
         }
-        match &flight.pending {
-            Some((wait, task)) if !task.is_finished() => return Lookup::Wait(wait.clone()),
-            // A fetch task that ended without clearing `pending` was cancelled (its runtime
-            // shut down): start another rather than hand out its error forever.
-            _ => {}
+        if let Some(wait) = flight.live_pending() {
+            return Lookup::Wait(wait.clone());
         }
         if let Some(failure) = flight.failure.as_ref().filter(|f| now < f.until) {
             return Lookup::Failed(Error::token(Arc::clone(&failure.error)));
@@ -256,7 +264,7 @@ impl TokenCache {
             .is_ok();
         if claimed {
             let mut flight = self.lock();
-            if flight.pending.is_none() {
+            if flight.live_pending().is_none() {
                 self.start(&mut flight, None);
             }
         }
@@ -382,6 +390,10 @@ impl fmt::Debug for TokenCache {
 }
 
 impl Entry {
+    fn is_valid_at(&self, now: Instant) -> bool {
+        self.token.expires_at().is_none_or(|at| now < at)
+    }
+
     fn credential(&self) -> Credential {
         Credential {
             header: self.token.header().clone(),
