@@ -29,6 +29,10 @@ pub const DEFAULT_FETCH_TIMEOUT: Duration = Duration::from_secs(60);
 /// The storm guard's window when none is set: see [`Builder::storm_window`].
 pub const DEFAULT_STORM_WINDOW: Duration = Duration::from_secs(30);
 
+/// How long a request waits through a failing token endpoint when nothing is set: see
+/// [`Builder::max_token_wait`].
+pub(crate) const DEFAULT_MAX_TOKEN_WAIT: Duration = Duration::from_secs(5);
+
 /// A [`Layer`] that authenticates every request for the Blaze FHIR API.
 ///
 /// It wraps a service in [`BlazeAuth`], which adds `Authorization: Bearer <token>`, the
@@ -79,6 +83,7 @@ impl BlazeAuthLayer {
                 fetch_cooldown: DEFAULT_FETCH_COOLDOWN,
                 fetch_timeout: DEFAULT_FETCH_TIMEOUT,
                 storm_window: DEFAULT_STORM_WINDOW,
+                max_token_wait: DEFAULT_MAX_TOKEN_WAIT,
             },
             idempotent_only: false,
             replay: CloneBody,
@@ -303,15 +308,56 @@ impl<R> Builder<R> {
 
     /// Sets how long after a failed token fetch the next one may start.
     ///
-    /// Until then, requests that have no valid token fail at once with the last fetch's
-    /// error, so an outage of the token endpoint is not made worse by every request
-    /// hammering it; a token that is still valid stays in use meanwhile. The cool-down
-    /// doubles with each failure in a row, up to 30 s (or this value, if longer), and
-    /// resets with the next token.
+    /// Until then no fetch starts, so an outage of the token endpoint is not made worse by
+    /// every request hammering it; a token that is still valid stays in use meanwhile, and
+    /// requests without one wait for the attempt at the end of the cool-down or fail at once
+    /// (see [`max_token_wait`](Self::max_token_wait)). The cool-down doubles with each
+    /// failure in a row, up to 30 s (or this value, if longer), and resets with the next
+    /// token.
     ///
     /// Default: [`DEFAULT_FETCH_COOLDOWN`], 1 s.
     pub fn fetch_cooldown(mut self, cooldown: Duration) -> Self {
         self.cache.fetch_cooldown = cooldown;
+        self
+    }
+
+    /// Sets how long a request without a valid token may wait through a failing token
+    /// endpoint for the next fetch attempt, instead of failing at once.
+    ///
+    /// A request that meets a failed fetch (it arrives during the cool-down after one, or the
+    /// fetch it waited for fails) waits for the attempt the cool-down allows at its end,
+    /// joining it with every other waiting request: the token endpoint sees no more requests
+    /// than without waiting. If that attempt fails too, it waits for the next, and so on, up
+    /// to this long after it met the first failure; then it fails with the last error
+    /// ([`Error::is_token`]), as it does at once if the next attempt would start after its
+    /// bound. A fetch under way is bounded by [`fetch_timeout`](Self::fetch_timeout), and
+    /// the caller's own cancellation (dropping the future, a timeout layer outside) ends the
+    /// wait at once. [`Metrics::token_waits`] and [`Metrics::token_waits_given_up`] count
+    /// the requests that waited and those that gave up at the bound.
+    ///
+    /// Requests still fail at once with the error when waiting will not fix it:
+    /// - [`ClientCredentials`](crate::ClientCredentials) was refused by the token endpoint:
+    ///   an OAuth error such as `invalid_client`, `invalid_scope` or `unauthorized_client`,
+    ///   or a 4xx status other than 408 and 429;
+    /// - a TLS failure, such as a certificate that is not trusted;
+    /// - any error a source marks with [`PermanentError`](crate::PermanentError);
+    /// - no Tokio runtime to fetch on.
+    ///
+    /// (The storm guard's verdict is not an error: the 401 goes back at once, see
+    /// [`storm_window`](Self::storm_window).) A malformed or oversize answer, a 5xx, a 429,
+    /// a timeout or a failed connection are waited through: the next attempt may well
+    /// succeed. A permanent error is still fetched again after each cool-down, so the layer
+    /// recovers by itself once it is fixed.
+    ///
+    /// Zero: requests without a valid token fail at once with the last fetch's error until
+    /// the cool-down ends.
+    ///
+    /// Default: 5 s. A bad answer of the token endpoint once then costs the requests of a
+    /// cool-down (1 s by default) a short wait, not an error; three failures in a row
+    /// (1 + 2 + 4 s of cool-down) are still ridden out by the requests of the last cool-down,
+    /// and a longer outage fails requests fast instead of holding them.
+    pub fn max_token_wait(mut self, wait: Duration) -> Self {
+        self.cache.max_token_wait = wait;
         self
     }
 

@@ -139,7 +139,9 @@ pub use crate::{
     replay::{BufferBody, CloneBody, DEFAULT_REPLAY_CAP, NoReplay, Replay, ReplayBody},
     service::BlazeAuth,
     study::ResearchStudy,
-    token::{AccessToken, StaticToken, TokenFn, TokenFuture, TokenSource, token_fn},
+    token::{
+        AccessToken, PermanentError, StaticToken, TokenFn, TokenFuture, TokenSource, token_fn,
+    },
 };
 
 #[cfg(feature = "oauth2")]

@@ -19,6 +19,13 @@ pub struct Metrics {
     /// 401s returned without a new token by the storm guard: a token fetched after a 401 was
     /// refused too (see [`Builder::storm_window`](crate::Builder::storm_window)).
     pub refreshes_skipped: u64,
+    /// Requests that met a failed token fetch (during its cool-down, or as its result) and
+    /// waited for the next attempt instead of failing at once (see
+    /// [`Builder::max_token_wait`](crate::Builder::max_token_wait)).
+    pub token_waits: u64,
+    /// Of those, requests that reached their bound without a token and failed with the last
+    /// error.
+    pub token_waits_given_up: u64,
     /// How long ago the cached token was fetched; `None` before the first token.
     pub token_age: Option<Duration>,
     /// How long the cached token was valid for when fetched; `None` before the first token

@@ -133,7 +133,7 @@ mod tests {
     use super::*;
     use crate::{
         AccessToken, DEFAULT_FETCH_COOLDOWN, NoReplay, ResearchStudy, StaticToken,
-        test_helpers::{TestSource, inner, reject_first_token, sent_token},
+        test_helpers::{TestSource, fail_fast, inner, reject_first_token, sent_token},
     };
     use http::{HeaderValue, Method, StatusCode, header::AUTHORIZATION};
     use http_body_util::{BodyExt, Full, StreamBody};
@@ -467,7 +467,7 @@ mod tests {
         let source = TestSource::gated();
         source.set_failing(true);
         let (service, calls) = inner::<String, _>(|_| StatusCode::OK);
-        let client = BlazeAuth::new(service, source.clone(), "S");
+        let client = fail_fast(source.clone(), service);
         let mut waiters: Vec<_> = (0..10)
             .map(|_| tokio_test::task::spawn(client.clone().oneshot(get())))
             .collect();
@@ -500,7 +500,7 @@ mod tests {
         let source = TestSource::new();
         source.set_failing(true);
         let (service, calls) = inner::<String, _>(|_| StatusCode::OK);
-        let client = BlazeAuth::new(service, source.clone(), "S");
+        let client = fail_fast(source.clone(), service);
         let mut fetches_seen = Vec::new();
         // Cool-downs of 1, 2, 4, 8, 16, 30, 30 s: a fetch at each of their ends, no other.
         for cooldown in [1, 2, 4, 8, 16, 30, 30] {
@@ -565,7 +565,7 @@ mod tests {
             }
         });
         let (service, _) = inner::<String, _>(|_| StatusCode::OK);
-        let client = BlazeAuth::new(service, source, "S");
+        let client = fail_fast(source, service);
         let error = client.clone().oneshot(get()).await.unwrap_err();
         assert!(error.is_token());
         tokio::time::advance(DEFAULT_FETCH_COOLDOWN).await;
@@ -955,6 +955,7 @@ mod tests {
         let layer = BlazeAuthLayer::builder(source)
             .study("S")
             .fetch_timeout(Duration::from_secs(5))
+            .max_token_wait(Duration::ZERO)
             .build()
             .unwrap();
         let (service, calls) = inner::<String, _>(|_| StatusCode::OK);

@@ -1,6 +1,6 @@
 //! Token sources and inner services for the unit tests.
 
-use crate::{AccessToken, BoxError, TokenFuture, TokenSource};
+use crate::{AccessToken, BlazeAuth, BlazeAuthLayer, BoxError, TokenFuture, TokenSource};
 use http::{Request, Response, StatusCode, header::AUTHORIZATION};
 use std::{
     convert::Infallible,
@@ -143,4 +143,16 @@ pub(crate) fn reject_first_token(token: &str) -> StatusCode {
     } else {
         StatusCode::OK
     }
+}
+
+/// A client over `service` with tokens from `source`, for study `S`, whose requests fail at
+/// once during a cool-down: a `max_token_wait` of zero.
+pub(crate) fn fail_fast<S>(source: impl TokenSource + 'static, service: S) -> BlazeAuth<S> {
+    use tower::Layer as _;
+    BlazeAuthLayer::builder(source)
+        .study("S")
+        .max_token_wait(Duration::ZERO)
+        .build()
+        .unwrap()
+        .layer(service)
 }

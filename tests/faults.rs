@@ -27,17 +27,24 @@ type Blaze = BlazeAuth<Client<HttpConnector, Full<Bytes>>>;
 
 /// The layer as a partner would configure it, with timeouts short enough for a test.
 fn stack(stand_in: &StandIn) -> (BlazeAuthLayer, Blaze) {
+    build(stand_in, None)
+}
+
+/// [`stack`] with `max_token_wait` set.
+fn build(stand_in: &StandIn, max_token_wait: Option<Duration>) -> (BlazeAuthLayer, Blaze) {
     let source = ClientCredentials::blaze(&stand_in.base_url(), DEMO_CLIENT_ID, DEMO_CLIENT_SECRET)
         .request_timeout(Duration::from_millis(300))
         .backoff(Duration::from_millis(5), Duration::from_millis(50))
         .build()
         .unwrap();
-    let layer = BlazeAuthLayer::builder(source)
+    let mut builder = BlazeAuthLayer::builder(source)
         .study(DEMO_STUDY)
         .origin(&stand_in.base_url())
-        .fetch_cooldown(Duration::from_millis(20))
-        .build()
-        .unwrap();
+        .fetch_cooldown(Duration::from_millis(20));
+    if let Some(wait) = max_token_wait {
+        builder = builder.max_token_wait(wait);
+    }
+    let layer = builder.build().unwrap();
     let client = layer.layer(Client::builder(TokioExecutor::new()).build_http());
     (layer, client)
 }
@@ -61,18 +68,9 @@ fn token_error(error: &blaze_auth::Error) -> &TokenError {
         .unwrap()
 }
 
-#[tokio::test]
-async fn each_token_endpoint_fault_is_retried_or_typed_and_the_next_request_recovers() {
-    let recovered = |failure: &TokenFailure| {
-        matches!(
-            failure,
-            TokenFailure::Status(_)
-                | TokenFailure::Reset
-                | TokenFailure::Hang
-                | TokenFailure::Slow(_)
-        ) || matches!(failure, TokenFailure::TooManyRequests { retry_after } if retry_after.as_secs() <= 1)
-    };
-    let cases = [
+/// One of each token-endpoint fault the stand-in can inject.
+fn every_token_fault() -> [TokenFailure; 8] {
+    [
         TokenFailure::Status(StatusCode::BAD_GATEWAY),
         TokenFailure::Status(StatusCode::SERVICE_UNAVAILABLE),
         TokenFailure::TooManyRequests {
@@ -83,21 +81,51 @@ async fn each_token_endpoint_fault_is_retried_or_typed_and_the_next_request_reco
         TokenFailure::Oversize,
         TokenFailure::Hang,
         TokenFailure::Reset,
-    ];
-    for failure in cases {
+    ]
+}
+
+/// Whether `ClientCredentials` retries the fault inside its fetch.
+fn retried(failure: &TokenFailure) -> bool {
+    matches!(
+        failure,
+        TokenFailure::Status(_) | TokenFailure::Reset | TokenFailure::Hang | TokenFailure::Slow(_)
+    ) || matches!(failure, TokenFailure::TooManyRequests { retry_after } if retry_after.as_secs() <= 1)
+}
+
+#[tokio::test]
+async fn each_token_endpoint_fault_is_ridden_through_by_the_request_that_meets_it() {
+    for failure in every_token_fault() {
         let stand_in = StandIn::start().await.unwrap();
         stand_in.fail_token_requests(1, failure.clone());
-        let (_, client) = stack(&stand_in);
+        let (layer, client) = stack(&stand_in);
+        let url = format!("{}/Patient/p-0001", stand_in.api_url());
+        let status = get(&client, &url).await;
+        assert_eq!(status.unwrap(), StatusCode::OK, "{failure:?}");
+        // A fault the fetch did not retry failed it: the request waited for the next one.
+        let metrics = layer.metrics();
+        let waited = u64::from(!retried(&failure));
+        assert_eq!(metrics.token_waits, waited, "{failure:?}: {metrics:?}");
+        assert_eq!(metrics.fetch_failures, waited, "{failure:?}: {metrics:?}");
+        assert_eq!(metrics.token_waits_given_up, 0);
+    }
+}
+
+#[tokio::test]
+async fn each_token_endpoint_fault_is_retried_or_typed_without_waiting() {
+    for failure in every_token_fault() {
+        let stand_in = StandIn::start().await.unwrap();
+        stand_in.fail_token_requests(1, failure.clone());
+        let (_, client) = build(&stand_in, Some(Duration::ZERO));
         let url = format!("{}/Patient/p-0001", stand_in.api_url());
         match get(&client, &url).await {
             // Transient: retried inside the fetch, the caller never knew.
             Ok(status) => {
                 assert_eq!(status, StatusCode::OK);
-                assert!(recovered(&failure), "{failure:?} should not be retried");
+                assert!(retried(&failure), "{failure:?} should not be retried");
             }
             Err(error) => {
                 let cause = token_error(&error);
-                assert!(!recovered(&failure), "{failure:?}: {cause}");
+                assert!(!retried(&failure), "{failure:?}: {cause}");
                 match &failure {
                     TokenFailure::Garbage => assert!(cause.is_invalid_response()),
                     TokenFailure::Oversize => assert!(cause.is_body_too_large()),
@@ -283,8 +311,9 @@ async fn soak_100_000_requests_from_64_tasks_under_random_faults() {
     let metrics = layer.metrics();
     println!(
         "soak: {} ok, {} 401, {} other status, {} token errors, {} inner errors; \
-         {} token fetches ({} failed), {} retries, {} storm-guard skips; \
-         {} API 401s served; {:.1} s; RSS at half {} KiB, at end {} KiB",
+         {} token fetches ({} failed), {} retries, {} storm-guard skips, \
+         {} token waits ({} gave up); {} API 401s served; {:.1} s; \
+         RSS at half {} KiB, at end {} KiB",
         load(&o.ok),
         load(&o.unauthorized),
         load(&o.other_status),
@@ -294,12 +323,21 @@ async fn soak_100_000_requests_from_64_tasks_under_random_faults() {
         metrics.fetch_failures,
         metrics.retries,
         metrics.refreshes_skipped,
+        metrics.token_waits,
+        metrics.token_waits_given_up,
         stand_in.unauthorized_served(),
         elapsed.as_secs_f64(),
         rss_at_half / 1024,
         rss_at_end / 1024,
     );
     assert_eq!(total(), REQUESTS, "none lost");
+    // Requests ride through the token endpoint's failures (`max_token_wait`, 5 s by
+    // default) instead of failing during its cool-downs.
+    assert!(
+        load(&o.ok) * 100 >= REQUESTS * 99,
+        "{} of {REQUESTS} succeeded",
+        load(&o.ok)
+    );
     // A request fails for want of a token only while the token endpoint is failing.
     assert!(load(&o.token_errors) == 0 || metrics.fetch_failures > 0);
     // Token fetches stay within what the faults justify: a successful fetch per 401 the

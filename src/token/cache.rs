@@ -10,14 +10,18 @@
 //! refresh margin) the first request starts a background fetch while all requests keep using
 //! the cached token until it expires, so no request waits for a routine refresh.
 //!
-//! A failed fetch starts a cool-down, doubling with each failure in a row: until it ends,
-//! requests without a valid token get the last error at once instead of a new fetch, and a
-//! failed refresh ahead of expiry is tried again only after it.
+//! A failed fetch starts a cool-down, doubling with each failure in a row: until it ends, no
+//! new fetch starts, and a failed refresh ahead of expiry is tried again only after it. A
+//! request without a valid token rides the failure out: it waits for the one attempt the
+//! cool-down allows at its end, and the next, up to `max_token_wait` after it met the failure
+//! (a [`TokenWait`] with a [`Ride`]). It gets the last error at once instead when waiting
+//! will not fix it ([`is_permanent`]), when the next attempt comes after its bound, or when
+//! the bound is zero.
 
 use crate::{
     error::{BoxError, Error},
     metrics::Metrics,
-    token::{AccessToken, TokenSource},
+    token::{AccessToken, PermanentError, TokenSource},
 };
 use arc_swap::ArcSwapOption;
 use futures_util::future::{FutureExt, Shared};
@@ -32,12 +36,12 @@ use std::{
         Arc, Mutex, MutexGuard,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
-    task::{Context, Poll},
+    task::{Context, Poll, ready},
     time::Duration,
 };
 use tokio::{
     task::{AbortHandle, JoinHandle},
-    time::Instant,
+    time::{Instant, Sleep},
 };
 
 /// The longest cool-down, unless the configured first one is longer.
@@ -51,6 +55,9 @@ pub(crate) struct CacheConfig {
     pub(crate) fetch_cooldown: Duration,
     pub(crate) fetch_timeout: Duration,
     pub(crate) storm_window: Duration,
+    /// How long a request that met a failed fetch waits for the next attempts; zero: it
+    /// fails at once.
+    pub(crate) max_token_wait: Duration,
 }
 
 /// The cached token of one layer (and of every service and clone made from it).
@@ -70,12 +77,14 @@ struct Counters {
     failures: AtomicU64,
     retries: AtomicU64,
     skipped: AtomicU64,
+    waits: AtomicU64,
+    waits_given_up: AtomicU64,
 }
 
 #[derive(Default)]
 struct Flight {
     /// The fetch under way and a handle telling whether its task is still alive.
-    pending: Option<(TokenWait, AbortHandle)>,
+    pending: Option<(Fetch, AbortHandle)>,
     /// The last fetch failed: its error stands for every fetch until the cool-down ends.
     failure: Option<Failure>,
     next_id: u64,
@@ -85,7 +94,7 @@ impl Flight {
     /// The fetch under way, if its task is alive. A task that ended without clearing
     /// `pending` was cancelled (its runtime shut down): another must start rather than its
     /// error be handed out forever.
-    fn live_pending(&self) -> Option<&TokenWait> {
+    fn live_pending(&self) -> Option<&Fetch> {
         let (wait, task) = self.pending.as_ref()?;
         (!task.is_finished()).then_some(wait)
     }
@@ -95,6 +104,15 @@ struct Failure {
     error: SharedError,
     until: Instant,
     in_a_row: u32,
+    /// Waiting will not fix the error ([`is_permanent`]).
+    permanent: bool,
+}
+
+/// Why a request without a valid token cannot wait for a fetch now.
+struct Refusal {
+    error: SharedError,
+    /// When the next attempt may start; `None` if waiting will not fix the error.
+    retry_at: Option<Instant>,
 }
 
 /// A token in the cache.
@@ -133,6 +151,8 @@ pub(crate) enum Lookup {
 
 type SharedError = Arc<dyn StdError + Send + Sync>;
 type FetchResult = Result<Arc<Entry>, SharedError>;
+/// A fetch under way; clones wait for the same fetch.
+type Fetch = Shared<FetchTask>;
 
 impl TokenCache {
     pub(crate) fn new(source: Box<dyn TokenSource>, config: CacheConfig) -> Self {
@@ -192,13 +212,61 @@ impl TokenCache {
                 return Lookup::Ready(entry.credential());
             }
         }
-        if let Some(wait) = flight.live_pending() {
-            return Lookup::Wait(wait.clone());
+        match self.attempt(&mut flight, now, rejected_token) {
+            Ok(fetch) => Lookup::Wait(self.wait(Some(fetch))),
+            // The cool-down ends soon enough: wait for the attempt at its end.
+            Err(refusal)
+                if self
+                    .ride_until(&refusal, now + self.config.max_token_wait)
+                    .is_some() =>
+            {
+                Lookup::Wait(self.wait(None))
+            }
+            Err(refusal) => Lookup::Failed(Error::token(refusal.error)),
+        }
+    }
+
+    /// The fetch a request without a valid token waits for: the one under way, or a new one
+    /// unless a cool-down runs.
+    fn attempt(
+        self: &Arc<Self>,
+        flight: &mut Flight,
+        now: Instant,
+        rejected: Option<AccessToken>,
+    ) -> Result<Fetch, Refusal> {
+        if let Some(fetch) = flight.live_pending() {
+            return Ok(fetch.clone());
         }
         if let Some(failure) = flight.failure.as_ref().filter(|f| now < f.until) {
-            return Lookup::Failed(Error::token(Arc::clone(&failure.error)));
+            return Err(Refusal {
+                error: Arc::clone(&failure.error),
+                retry_at: (!failure.permanent).then_some(failure.until),
+            });
         }
-        Lookup::Wait(self.start(&mut flight, rejected_token))
+        self.start(flight, rejected)
+    }
+
+    /// A wait for `fetch` that rides through its failure, unless the bound is zero; made
+    /// under the flight lock, so that the failure count is that of the fetch joined. `None`:
+    /// a cool-down runs, and the ride waits for its end.
+    fn wait(self: &Arc<Self>, fetch: Option<Fetch>) -> TokenWait {
+        TokenWait(match fetch {
+            Some(fetch) if self.config.max_token_wait.is_zero() => Wait::Join(fetch),
+            fetch => Wait::Ride(Box::new(Ride {
+                cache: Arc::clone(self),
+                fetch,
+                failures_seen: self.counters.failures.load(Ordering::Relaxed),
+                waiting: None,
+            })),
+        })
+    }
+
+    /// When a request refused by `refusal` wakes up to try again, if it waits at all: at the
+    /// end of the cool-down, if waiting may fix the error and the next attempt starts before
+    /// `deadline`.
+    fn ride_until(&self, refusal: &Refusal, deadline: Instant) -> Option<Instant> {
+        let bounded = !self.config.max_token_wait.is_zero();
+        refusal.retry_at.filter(|&at| bounded && at < deadline)
     }
 
     /// Whether refusing `entry` is part of a storm that new tokens do not calm: it was itself
@@ -241,6 +309,8 @@ impl TokenCache {
             fetch_failures: self.counters.failures.load(Ordering::Relaxed),
             retries: self.counters.retries.load(Ordering::Relaxed),
             refreshes_skipped: self.counters.skipped.load(Ordering::Relaxed),
+            token_waits: self.counters.waits.load(Ordering::Relaxed),
+            token_waits_given_up: self.counters.waits_given_up.load(Ordering::Relaxed),
             token_age: current
                 .as_ref()
                 .map(|entry| now.saturating_duration_since(entry.issued_at)),
@@ -265,14 +335,22 @@ impl TokenCache {
         if claimed {
             let mut flight = self.lock();
             if flight.live_pending().is_none() {
-                self.start(&mut flight, None);
+                // Without a runtime there is no refresh; requests go on with the cached token.
+                let _ = self.start(&mut flight, None);
             }
         }
     }
 
-    fn start(self: &Arc<Self>, flight: &mut Flight, rejected: Option<AccessToken>) -> TokenWait {
+    fn start(
+        self: &Arc<Self>,
+        flight: &mut Flight,
+        rejected: Option<AccessToken>,
+    ) -> Result<Fetch, Refusal> {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return TokenWait::failed("no Tokio runtime to fetch the token on");
+            return Err(Refusal {
+                error: Arc::from(BoxError::from("no Tokio runtime to fetch the token on")),
+                retry_at: None,
+            });
         };
         let cache = Arc::clone(self);
         self.counters.fetches.fetch_add(1, Ordering::Relaxed);
@@ -294,9 +372,9 @@ impl TokenCache {
         };
         let handle = runtime.spawn(tracing::Instrument::instrument(fetch, span));
         let task = handle.abort_handle();
-        let wait = TokenWait(FetchTask(Ok(handle)).shared());
-        flight.pending = Some((wait.clone(), task));
-        wait
+        let fetch = FetchTask(handle).shared();
+        flight.pending = Some((fetch.clone(), task));
+        Ok(fetch)
     }
 
     fn finish(&self, result: Result<AccessToken, BoxError>, after_rejection: bool) -> FetchResult {
@@ -323,12 +401,14 @@ impl TokenCache {
                 self.counters.failures.fetch_add(1, Ordering::Relaxed);
                 let in_a_row = flight.failure.as_ref().map_or(1, |f| f.in_a_row + 1);
                 let cooldown = self.cooldown(in_a_row);
-                tracing::warn!(%error, in_a_row, cooldown_ms = cooldown.as_millis() as u64, "token fetch failed");
+                let permanent = is_permanent(&*error);
+                tracing::warn!(%error, in_a_row, permanent, cooldown_ms = cooldown.as_millis() as u64, "token fetch failed");
                 let until = now + cooldown;
                 flight.failure = Some(Failure {
                     error: Arc::clone(&error),
                     until,
                     in_a_row,
+                    permanent,
                 });
                 // A still-valid token stays in use; its refresh is tried again after the
                 // cool-down.
@@ -403,39 +483,195 @@ impl Entry {
     }
 }
 
-/// Waits for a token fetch; clones wait for the same fetch.
-#[derive(Clone)]
-pub(crate) struct TokenWait(Shared<FetchTask>);
+/// Waits for a token.
+pub(crate) struct TokenWait(Wait);
 
-impl TokenWait {
-    fn failed(reason: &'static str) -> Self {
-        Self(FetchTask(Err(Arc::from(BoxError::from(reason)))).shared())
-    }
+enum Wait {
+    /// For the fetch under way alone: its error is the answer (a bound of zero).
+    Join(Fetch),
+    /// For the fetch under way, if any, and through failed fetches for the attempts after.
+    Ride(Box<Ride>),
+}
+
+/// How a [`TokenWait`] rides through failed fetches, up to its bound.
+struct Ride {
+    cache: Arc<TokenCache>,
+    /// The fetch waited for; `None` while a cool-down runs, or before the first look at one.
+    fetch: Option<Fetch>,
+    /// The cache's failure count when the fetch was joined: if the fetch ends in an error
+    /// without the count growing, it was cancelled (its runtime shut down), not failed, and
+    /// no attempt follows it to wait for.
+    failures_seen: u64,
+    /// Set once the request met a failure and waits on.
+    waiting: Option<Waiting>,
+}
+
+struct Waiting {
+    /// When the request gives up.
+    deadline: Instant,
+    /// The last error met: the answer if the request gives up.
+    error: SharedError,
+    /// Fires at the end of the cool-down, or, while a fetch runs, at the deadline.
+    timer: Pin<Box<Sleep>>,
 }
 
 impl Future for TokenWait {
     type Output = Result<Credential, Error>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        Pin::new(&mut self.0)
-            .poll(cx)
-            .map(|result| result.map(|entry| entry.credential()).map_err(Error::token))
+        match &mut self.0 {
+            Wait::Join(fetch) => Pin::new(fetch)
+                .poll(cx)
+                .map(|result| result.map(|entry| entry.credential()).map_err(Error::token)),
+            Wait::Ride(ride) => ride.poll(cx),
+        }
     }
 }
 
-/// The fetch task, or why there is none.
-struct FetchTask(Result<JoinHandle<FetchResult>, SharedError>);
+impl Ride {
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Result<Credential, Error>> {
+        loop {
+            let failed = match &mut self.fetch {
+                Some(fetch) => match Pin::new(fetch).poll(cx) {
+                    Poll::Ready(Ok(entry)) => return Poll::Ready(Ok(entry.credential())),
+                    Poll::Ready(Err(error)) => Some(error),
+                    Poll::Pending => {
+                        // Until the request met a failure there is no timer: the fetch alone
+                        // decides, within the fetch timeout.
+                        ready!(self.poll_timer(cx));
+                        return Poll::Ready(Err(self.give_up()));
+                    }
+                },
+                None => {
+                    // Without a timer, it arrived during a cool-down and looks at it first.
+                    if self.waiting.is_some() {
+                        ready!(self.poll_timer(cx));
+                    }
+                    None
+                }
+            };
+            if let Some(credential) = self.next(failed)? {
+                return Poll::Ready(Ok(credential));
+            }
+        }
+    }
+
+    /// Polls the timer; a request that has not met a failure yet has none, and waits for its
+    /// fetch alone.
+    fn poll_timer(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        match &mut self.waiting {
+            Some(waiting) => waiting.timer.as_mut().poll(cx),
+            None => Poll::Pending,
+        }
+    }
+
+    /// Takes the next step after the fetch waited for failed with `failed`, or, with `None`,
+    /// after the cool-down waited out ended: the token if there is one now, else joins a
+    /// fetch or waits for the end of the cool-down (`Ok(None)`), else gives up.
+    fn next(&mut self, failed: Option<SharedError>) -> Result<Option<Credential>, Error> {
+        let cache = Arc::clone(&self.cache);
+        let mut flight = cache.lock();
+        let now = Instant::now();
+        let failures = cache.counters.failures.load(Ordering::Relaxed);
+        if let Some(error) = &failed {
+            if failures == self.failures_seen {
+                return Err(Error::token(Arc::clone(error)));
+            }
+        }
+        if let Some(entry) = cache.current.load_full().filter(|e| e.is_valid_at(now)) {
+            return Ok(Some(entry.credential()));
+        }
+        let deadline = match &self.waiting {
+            Some(waiting) if now >= waiting.deadline => return Err(self.give_up()),
+            Some(waiting) => waiting.deadline,
+            None => now + cache.config.max_token_wait,
+        };
+        let (wake_at, error) = match cache.attempt(&mut flight, now, None) {
+            Ok(fetch) => {
+                self.fetch = Some(fetch);
+                self.failures_seen = failures;
+                (deadline, failed)
+            }
+            Err(refusal) => match cache.ride_until(&refusal, deadline) {
+                Some(at) => {
+                    self.fetch = None;
+                    (at, Some(refusal.error))
+                }
+                // Waiting will not fix the error, or the next attempt comes after the deadline.
+                None => {
+                    let gives_up = refusal.retry_at.is_some();
+                    return Err(match &mut self.waiting {
+                        Some(waiting) if gives_up => {
+                            waiting.error = refusal.error;
+                            self.give_up()
+                        }
+                        _ => Error::token(refusal.error),
+                    });
+                }
+            },
+        };
+        drop(flight);
+        match (&mut self.waiting, error) {
+            (Some(waiting), error) => {
+                waiting.timer.as_mut().reset(wake_at);
+                if let Some(error) = error {
+                    waiting.error = error;
+                }
+            }
+            // Joined a fetch without having met a failure: the fetch's result decides.
+            (None, None) => {}
+            (None, Some(error)) => {
+                // A timer needs the runtime; without one, no attempt can start anyway.
+                if tokio::runtime::Handle::try_current().is_err() {
+                    return Err(Error::token(error));
+                }
+                cache.counters.waits.fetch_add(1, Ordering::Relaxed);
+                self.waiting = Some(Waiting {
+                    deadline,
+                    error,
+                    timer: Box::pin(tokio::time::sleep_until(wake_at)),
+                });
+            }
+        }
+        Ok(None)
+    }
+
+    /// The request waited up to its bound and got no token: the last error it met.
+    fn give_up(&mut self) -> Error {
+        let waiting = self
+            .waiting
+            .as_ref()
+            .expect("only a waiting request gives up");
+        (self.cache.counters.waits_given_up).fetch_add(1, Ordering::Relaxed);
+        Error::token(Arc::clone(&waiting.error))
+    }
+}
+
+/// The fetch task.
+struct FetchTask(JoinHandle<FetchResult>);
 
 impl Future for FetchTask {
     type Output = FetchResult;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match &mut self.0 {
-            Ok(handle) => Pin::new(handle).poll(cx).map(|joined| {
-                joined
-                    .unwrap_or_else(|_| Err(Arc::from(BoxError::from("token fetch was cancelled"))))
-            }),
-            Err(error) => Poll::Ready(Err(Arc::clone(error))),
-        }
+        Pin::new(&mut self.0).poll(cx).map(|joined| {
+            joined.unwrap_or_else(|_| Err(Arc::from(BoxError::from("token fetch was cancelled"))))
+        })
     }
+}
+
+/// Whether waiting will not fix a fetch's `error`: a [`PermanentError`] anywhere in its
+/// chain, or a [`TokenError`](crate::TokenError) that says the token endpoint refused the
+/// client or its certificate is not trusted.
+fn is_permanent(error: &(dyn StdError + 'static)) -> bool {
+    // Bounded: a hostile `source` could make the chain endless.
+    std::iter::successors(Some(error), |&error| error.source())
+        .take(32)
+        .any(|error| {
+            #[cfg(feature = "oauth2")]
+            if let Some(error) = error.downcast_ref::<crate::TokenError>() {
+                return error.is_permanent();
+            }
+            error.is::<PermanentError>()
+        })
 }

@@ -40,6 +40,7 @@ pub mod redis;
 use crate::error::{BoxError, Error};
 use http::HeaderValue;
 use std::{
+    error::Error as StdError,
     fmt,
     future::Future,
     pin::Pin,
@@ -227,6 +228,59 @@ impl Future for TokenFuture {
 impl fmt::Debug for TokenFuture {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("TokenFuture").finish_non_exhaustive()
+    }
+}
+
+/// Wraps a [`TokenSource`]'s error to say that waiting will not fix it: the layer then fails
+/// requests at once with it, rather than letting them wait for the next fetch attempt (see
+/// [`Builder::max_token_wait`](crate::Builder::max_token_wait)).
+///
+/// It is transparent: `Display` and [`source`](StdError::source) are the wrapped error's.
+/// Fetches are still tried again after each cool-down, so the source recovers by itself
+/// once the cause is fixed.
+///
+/// ```
+/// use blaze_auth::{AccessToken, BoxError, PermanentError, token_fn};
+///
+/// let source = token_fn(|_rejected: Option<AccessToken>| async move {
+///     let configured: Option<&str> = None; // a credential the deployment forgot
+///     let Some(secret) = configured else {
+///         return Err(BoxError::from(PermanentError::new("no credential configured")));
+///     };
+///     Ok(AccessToken::bearer(secret)?)
+/// });
+/// # let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+/// # rt.block_on(async {
+/// use blaze_auth::TokenSource;
+/// let error = source.fetch(None).await.unwrap_err();
+/// assert!(error.is::<PermanentError>());
+/// assert_eq!(error.to_string(), "no credential configured");
+/// # });
+/// ```
+#[derive(Debug)]
+pub struct PermanentError(BoxError);
+
+impl PermanentError {
+    /// Marks `error` as one that waiting will not fix.
+    pub fn new(error: impl Into<BoxError>) -> Self {
+        Self(error.into())
+    }
+
+    /// The wrapped error.
+    pub fn into_inner(self) -> BoxError {
+        self.0
+    }
+}
+
+impl fmt::Display for PermanentError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl StdError for PermanentError {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        self.0.source()
     }
 }
 

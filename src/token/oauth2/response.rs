@@ -146,6 +146,25 @@ impl TokenError {
         }
     }
 
+    /// Whether waiting will not fix this: the endpoint refused the request (an OAuth error
+    /// such as `invalid_client`, whatever its status but 5xx, 408 and 429; or another 4xx
+    /// answer but 408 and 429) or its certificate (a TLS failure). A malformed or oversize
+    /// answer is not: it may be a one-off.
+    pub(crate) fn is_permanent(&self) -> bool {
+        let status = self.inner.status;
+        let busy = status.is_some_and(|status| {
+            status.is_server_error()
+                || status == StatusCode::REQUEST_TIMEOUT
+                || status == StatusCode::TOO_MANY_REQUESTS
+        });
+        match self.inner.kind {
+            Kind::OAuth => !busy,
+            Kind::Status => !busy && status.is_some_and(|status| status.is_client_error()),
+            Kind::Transport => self.is_tls_failure(),
+            Kind::Timeout | Kind::InvalidResponse(_) | Kind::BodyTooLarge => false,
+        }
+    }
+
     /// The HTTP status of the response, if there was one.
     pub fn status(&self) -> Option<StatusCode> {
         self.inner.status
@@ -538,6 +557,33 @@ mod tests {
             parse_err(200, br#"{"error":"invalid_scope"}"#).oauth_error(),
             Some("invalid_scope")
         );
+    }
+
+    #[test]
+    fn only_refusals_are_permanent() {
+        let permanent = [
+            parse_err(401, br#"{"error":"invalid_client"}"#),
+            parse_err(400, br#"{"error":"invalid_scope"}"#),
+            parse_err(200, br#"{"error":"unauthorized_client"}"#),
+            parse_err(403, b"<html>Forbidden</html>"),
+            parse_err(404, b"<html>Not found</html>"),
+        ];
+        for error in &permanent {
+            assert!(error.is_permanent(), "{error:?}");
+        }
+        let passing = [
+            parse_err(503, br#"{"error":"temporarily_unavailable"}"#),
+            parse_err(502, b"<html>Bad gateway</html>"),
+            parse_err(429, b"slow down"),
+            parse_err(408, b"<html>Request timeout</html>"),
+            parse_err(200, b"<html>not json</html>"),
+            TokenError::body_too_large(StatusCode::OK),
+            TokenError::timeout(),
+            TokenError::transport("connection reset".into()),
+        ];
+        for error in &passing {
+            assert!(!error.is_permanent(), "{error:?}");
+        }
     }
 
     #[test]
