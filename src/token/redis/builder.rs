@@ -1,0 +1,235 @@
+//! [`RedisSharedBuilder`]: the options of a [`RedisShared`] and their defaults.
+
+use super::{Counters, EncryptionKey, RedisShared, Shared, SharedKey};
+use crate::{error::Error, token::TokenSource};
+use redis::{
+    Client,
+    aio::{ConnectionManager, ConnectionManagerConfig},
+};
+use std::{
+    fmt,
+    sync::{Arc, OnceLock},
+    time::Duration,
+};
+
+/// The Redis server when none is set: see [`RedisSharedBuilder::redis_url`].
+const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379/";
+/// The key prefix when none is set: see [`RedisSharedBuilder::key_prefix`].
+const DEFAULT_KEY_PREFIX: &str = "blaze-auth:";
+/// The lock's lease when none is set: see [`RedisSharedBuilder::lease`].
+const DEFAULT_LEASE: Duration = Duration::from_secs(10);
+/// How long a process waits for another's token when not set: see
+/// [`RedisSharedBuilder::follower_wait`].
+const DEFAULT_FOLLOWER_WAIT: Duration = Duration::from_secs(20);
+/// The limit on one Redis operation when none is set: see [`RedisSharedBuilder::op_timeout`].
+const DEFAULT_OP_TIMEOUT: Duration = Duration::from_millis(250);
+/// How often a waiting process looks for the token when not set: see
+/// [`RedisSharedBuilder::poll_interval`].
+const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(50);
+
+impl<S: TokenSource> RedisShared<S> {
+    /// A [`RedisSharedBuilder`] for a source that shares the tokens of `source` under `key`.
+    pub fn builder(source: S, key: SharedKey) -> RedisSharedBuilder<S> {
+        RedisSharedBuilder {
+            source,
+            key,
+            redis_url: None,
+            connection: None,
+            key_prefix: DEFAULT_KEY_PREFIX.into(),
+            lease: DEFAULT_LEASE,
+            follower_wait: DEFAULT_FOLLOWER_WAIT,
+            op_timeout: DEFAULT_OP_TIMEOUT,
+            poll_interval: DEFAULT_POLL_INTERVAL,
+            refresh_margin: crate::DEFAULT_REFRESH_MARGIN,
+            encryption_key: None,
+        }
+    }
+}
+
+/// Configures a [`RedisShared`]; made by [`RedisShared::builder`].
+pub struct RedisSharedBuilder<S> {
+    source: S,
+    key: SharedKey,
+    redis_url: Option<String>,
+    connection: Option<ConnectionManager>,
+    key_prefix: String,
+    lease: Duration,
+    follower_wait: Duration,
+    op_timeout: Duration,
+    poll_interval: Duration,
+    refresh_margin: Duration,
+    encryption_key: Option<EncryptionKey>,
+}
+
+impl<S> RedisSharedBuilder<S> {
+    /// Sets the Redis server, as a `redis://` or `rediss://` (TLS) URL; credentials go in its
+    /// user info. Default: `redis://127.0.0.1:6379/`. The connection is made at the first fetch,
+    /// so a Redis that is down at start-up delays nothing.
+    pub fn redis_url(mut self, url: &str) -> Self {
+        self.redis_url = Some(url.into());
+        self
+    }
+
+    /// Uses a connection manager the application already has, instead of
+    /// [`redis_url`](Self::redis_url). Its own timeouts and retries apply, under
+    /// [`op_timeout`](Self::op_timeout). Default: none.
+    pub fn connection(mut self, connection: ConnectionManager) -> Self {
+        self.connection = Some(connection);
+        self
+    }
+
+    /// Sets the prefix of the Redis keys, e.g. to keep several deployments apart on one
+    /// Redis. Default: `blaze-auth:`.
+    pub fn key_prefix(mut self, prefix: &str) -> Self {
+        self.key_prefix = prefix.into();
+        self
+    }
+
+    /// Sets the lease of the lock a process holds while it fetches the token.
+    ///
+    /// The holder renews it every third of a lease while its fetch runs, so a slow fetch
+    /// keeps the lock; a holder that crashed loses it at most one lease later, and a waiting
+    /// process takes over. Default: 10 s.
+    pub fn lease(mut self, lease: Duration) -> Self {
+        self.lease = lease.max(Duration::from_millis(3));
+        self
+    }
+
+    /// Sets how long a process waits for the token another process is fetching before it
+    /// fetches one itself. Keep it above the lease, so that a crashed holder is taken over
+    /// rather than bypassed, and below the layer's fetch timeout. Default:
+    /// 20 s.
+    pub fn follower_wait(mut self, wait: Duration) -> Self {
+        self.follower_wait = wait;
+        self
+    }
+
+    /// Sets the limit on each Redis operation; one that takes longer counts as Redis being
+    /// down, and the process fetches its token without Redis. Default:
+    /// 250 ms.
+    pub fn op_timeout(mut self, timeout: Duration) -> Self {
+        self.op_timeout = timeout;
+        self
+    }
+
+    /// Sets how often a waiting process looks for the token in Redis. Default:
+    /// 50 ms.
+    pub fn poll_interval(mut self, interval: Duration) -> Self {
+        self.poll_interval = interval.max(Duration::from_millis(1));
+        self
+    }
+
+    /// Sets how close to its expiry a token in Redis counts as absent, so that the next
+    /// process to ask fetches a new one; capped at half the token's lifetime, as the
+    /// layer's refresh margin is. Set it to the layer's
+    /// [`refresh_margin`](crate::Builder::refresh_margin): the layer then finds a fresh
+    /// token in Redis when it refreshes. Default: 60 s, the layer's
+    /// default.
+    pub fn refresh_margin(mut self, margin: Duration) -> Self {
+        self.refresh_margin = margin;
+        self
+    }
+
+    /// Encrypts the tokens kept in Redis with `key` (XChaCha20-Poly1305, bound to the Redis
+    /// key they are stored under), so that whoever reads Redis without the key gets no usable
+    /// token. Every process sharing the token needs the same key: a process reads only what
+    /// it can decrypt, and one with another key (or none) fetches and stores a token of its
+    /// own, with a warning. Default: none, tokens are stored in clear.
+    pub fn encryption_key(mut self, key: EncryptionKey) -> Self {
+        self.encryption_key = Some(key);
+        self
+    }
+
+    /// Builds the source. No connection is made yet.
+    ///
+    /// # Errors
+    ///
+    /// If the Redis URL is not valid ([`Error::is_invalid_url`]); the error does not repeat
+    /// it, since it may hold a password.
+    pub fn build(self) -> Result<RedisShared<S>, Error> {
+        let (client, connection) = match self.connection {
+            Some(connection) => (None, OnceLock::from(Ok(connection))),
+            None => {
+                let url = self.redis_url.as_deref().unwrap_or(DEFAULT_REDIS_URL);
+                let client = Client::open(url)
+                    .map_err(|_| Error::invalid_url(Some("not a valid Redis URL".into())))?;
+                (Some(client), OnceLock::new())
+            }
+        };
+        // Fail fast: a Redis that does not answer is a Redis that is down, and the process
+        // goes on without it; the next fetch tries again.
+        let connection_config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(self.op_timeout))
+            .set_response_timeout(Some(self.op_timeout))
+            .set_number_of_retries(1)
+            .set_min_delay(Duration::from_millis(10))
+            .set_max_delay(self.op_timeout);
+        let digest = self.key.digest();
+        let prefix = self.key_prefix;
+        Ok(RedisShared {
+            inner: Arc::new(Shared {
+                source: self.source,
+                connection,
+                client,
+                connection_config,
+                // The digest is a hash tag: on a Redis Cluster both keys live on one node.
+                token_key: format!("{prefix}{{{digest}}}:token"),
+                lock_key: format!("{prefix}{{{digest}}}:lock"),
+                lease: self.lease,
+                follower_wait: self.follower_wait,
+                op_timeout: self.op_timeout,
+                poll_interval: self.poll_interval,
+                refresh_margin: self.refresh_margin,
+                cipher: self.encryption_key.map(|key| key.cipher()),
+                counters: Counters::default(),
+            }),
+        })
+    }
+}
+
+impl<S: fmt::Debug> fmt::Debug for RedisSharedBuilder<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // No URL: it may hold a password.
+        f.debug_struct("RedisSharedBuilder")
+            .field("source", &self.source)
+            .field("key", &self.key)
+            .field("key_prefix", &self.key_prefix)
+            .field("lease", &self.lease)
+            .field("follower_wait", &self.follower_wait)
+            .field("op_timeout", &self.op_timeout)
+            .field("encryption_key", &self.encryption_key)
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::token::AccessToken;
+
+    #[test]
+    fn invalid_redis_url_is_an_error_that_does_not_echo_it() {
+        let source = crate::StaticToken::new(AccessToken::bearer("t").unwrap());
+        let error = RedisShared::builder(source, SharedKey::new("https://h/t", "id"))
+            .redis_url("http://user:hunter2@h/")
+            .build()
+            .unwrap_err();
+        assert!(error.is_invalid_url());
+        assert!(!format!("{error:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn debug_shows_no_secret() {
+        let source = crate::StaticToken::new(AccessToken::bearer("s3cr3t").unwrap());
+        let key = SharedKey::new("https://h/t", "id").param("audience", "aud-value");
+        let builder = RedisShared::builder(source, key).redis_url("redis://:hunter2@127.0.0.1/");
+        let shown = format!("{builder:?}");
+        let shared = builder.build().unwrap();
+        let shown = format!("{shown} {shared:?}");
+        assert!(
+            !shown.contains("s3cr3t") && !shown.contains("hunter2"),
+            "{shown}"
+        );
+        assert!(!shown.contains("aud-value"), "{shown}");
+    }
+}

@@ -1,0 +1,258 @@
+//! The lock protocol: read the shared token, or take the lock and fetch it, or wait for the
+//! process that holds the lock.
+
+use super::{
+    Shared,
+    codec::{Codec, fingerprint, millis, now_ms},
+    scripts::{INVALIDATE, RELEASE, RENEW},
+};
+use crate::{
+    error::BoxError,
+    token::{AccessToken, TokenSource},
+};
+use futures_util::future::{Either, select};
+use redis::{RedisError, aio::ConnectionManager};
+use std::{
+    fmt,
+    future::Future,
+    pin::pin,
+    sync::{Arc, atomic::Ordering},
+};
+use tokio::time::Instant;
+
+/// Why a shared fetch did not give a token.
+enum Failure {
+    /// Redis failed or was too slow: fetch without it.
+    Redis(BoxError),
+    /// Another process held the lock for longer than the follower wait.
+    WaitTimedOut,
+    /// The wrapped source failed while this process held the lock.
+    Source(BoxError),
+}
+
+impl<S: TokenSource> Shared<S> {
+    pub(super) async fn fetch(
+        &self,
+        rejected: Option<&AccessToken>,
+    ) -> Result<AccessToken, BoxError> {
+        let why = match self.fetch_shared(rejected).await {
+            Ok(token) => return Ok(token),
+            Err(Failure::Source(error)) => return Err(error),
+            Err(Failure::Redis(error)) => {
+                tracing::warn!(%error, "Redis unavailable: fetching the token without it");
+                "redis"
+            }
+            Err(Failure::WaitTimedOut) => {
+                self.counters.wait_timeouts.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    wait_ms = self.follower_wait.as_millis() as u64,
+                    "no token from the process holding the Redis lock: fetching one here"
+                );
+                "wait"
+            }
+        };
+        self.counters.fallbacks.fetch_add(1, Ordering::Relaxed);
+        self.counters.source_fetches.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(reason = why, "token fetch without Redis");
+        self.source.fetch(rejected).await
+    }
+
+    async fn fetch_shared(&self, rejected: Option<&AccessToken>) -> Result<AccessToken, Failure> {
+        let mut con = self.connection()?;
+        let rejected_fp = rejected.map(fingerprint);
+        if let Some(fp) = &rejected_fp {
+            let mut invocation = INVALIDATE.key(&self.token_key);
+            invocation.arg(format!("{fp}:"));
+            let deleted: i64 = self.op(invocation.invoke_async(&mut con)).await?;
+            if deleted > 0 {
+                self.counters.invalidations.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!("refused token removed from Redis");
+            }
+        }
+        let deadline = Instant::now() + self.follower_wait;
+        let mut waiting = false;
+        loop {
+            if let Some(token) = self.read(&mut con, rejected_fp.as_deref()).await? {
+                self.counters.shared_hits.fetch_add(1, Ordering::Relaxed);
+                return Ok(token);
+            }
+            let holder = format!("{:032x}", fastrand::u128(..));
+            let locked: Option<String> = self
+                .op(redis::cmd("SET")
+                    .arg(&self.lock_key)
+                    .arg(&holder)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(millis(self.lease))
+                    .query_async(&mut con))
+                .await?;
+            if locked.is_some() {
+                return self.lead(&mut con, &holder, rejected, rejected_fp).await;
+            }
+            if !waiting {
+                waiting = true;
+                self.counters.waits.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!("another process is fetching the token: waiting for it");
+            }
+            if Instant::now() >= deadline {
+                return Err(Failure::WaitTimedOut);
+            }
+            tokio::time::sleep(self.poll_interval).await;
+        }
+    }
+
+    /// Fetches the token as the lock holder, stores it and releases the lock.
+    async fn lead(
+        &self,
+        con: &mut ConnectionManager,
+        holder: &str,
+        rejected: Option<&AccessToken>,
+        rejected_fp: Option<String>,
+    ) -> Result<AccessToken, Failure> {
+        // The token may have been stored between our read and our lock.
+        if let Ok(Some(token)) = self.read(con, rejected_fp.as_deref()).await {
+            self.release(con, holder).await;
+            self.counters.shared_hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(token);
+        }
+        self.counters.source_fetches.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!("holding the Redis lock: fetching the token");
+        let result = self.fetch_renewing(con, holder, rejected).await;
+        if let Ok(token) = &result {
+            if let Err(Failure::Redis(error)) = self.store(con, token).await {
+                tracing::warn!(%error, "could not store the token in Redis");
+            }
+        }
+        self.release(con, holder).await;
+        result.map_err(Failure::Source)
+    }
+
+    /// Fetches from the wrapped source, renewing the lease until the fetch ends.
+    async fn fetch_renewing(
+        &self,
+        con: &ConnectionManager,
+        holder: &str,
+        rejected: Option<&AccessToken>,
+    ) -> Result<AccessToken, BoxError> {
+        let mut renew_con = con.clone();
+        let renew = async {
+            loop {
+                tokio::time::sleep(self.lease / 3).await;
+                let mut invocation = RENEW.key(&self.lock_key);
+                invocation.arg(holder).arg(millis(self.lease));
+                let renewed: Result<i64, _> =
+                    self.op(invocation.invoke_async(&mut renew_con)).await;
+                if matches!(renewed, Ok(0)) {
+                    tracing::warn!("lost the Redis lock while fetching the token");
+                }
+            }
+        };
+        match select(pin!(self.source.fetch(rejected)), pin!(renew)).await {
+            Either::Left((result, _)) => result,
+            Either::Right(((), fetch)) => fetch.await,
+        }
+    }
+
+    /// The stored token, if there is one that is neither near its expiry nor `rejected_fp`.
+    async fn read(
+        &self,
+        con: &mut ConnectionManager,
+        rejected_fp: Option<&str>,
+    ) -> Result<Option<AccessToken>, Failure> {
+        let value: Option<String> = self
+            .op(redis::cmd("GET").arg(&self.token_key).query_async(con))
+            .await?;
+        let Some(value) = value else {
+            return Ok(None);
+        };
+        let Some((fp, stored)) = self.codec().decode(&value) else {
+            tracing::warn!("the token stored in Redis cannot be read: fetching a new one");
+            return Ok(None);
+        };
+        if rejected_fp == Some(fp) {
+            return Ok(None);
+        }
+        Ok(stored.into_token(now_ms(), self.refresh_margin))
+    }
+
+    async fn store(&self, con: &mut ConnectionManager, token: &AccessToken) -> Result<(), Failure> {
+        let now = now_ms();
+        let expires_at_ms = token.expires_at().map(|at| {
+            let left = at.saturating_duration_since(Instant::now());
+            now.saturating_add(millis(left))
+        });
+        let mut set = redis::cmd("SET");
+        set.arg(&self.token_key)
+            .arg(self.codec().encode(token, now, expires_at_ms));
+        match expires_at_ms {
+            Some(at) if at <= now => return Ok(()),
+            Some(at) => {
+                set.arg("PX").arg(at - now);
+            }
+            None => {}
+        }
+        self.op(set.query_async::<()>(con)).await
+    }
+
+    fn codec(&self) -> Codec<'_> {
+        Codec {
+            cipher: self.cipher.as_ref(),
+            aad: &self.token_key,
+        }
+    }
+
+    async fn release(&self, con: &mut ConnectionManager, holder: &str) {
+        let mut invocation = RELEASE.key(&self.lock_key);
+        invocation.arg(holder);
+        // A lock that cannot be released ends with its lease.
+        let _: Result<i64, _> = self.op(invocation.invoke_async(con)).await;
+    }
+
+    fn connection(&self) -> Result<ConnectionManager, Failure> {
+        let connection = self.connection.get_or_init(|| {
+            let client = self.client.clone().ok_or_else(|| {
+                Arc::new(RedisError::from((
+                    redis::ErrorKind::Client,
+                    "no Redis client",
+                )))
+            })?;
+            ConnectionManager::new_lazy_with_config(client, self.connection_config.clone())
+                .map_err(Arc::new)
+        });
+        match connection {
+            Ok(connection) => Ok(connection.clone()),
+            Err(error) => {
+                self.counters.redis_errors.fetch_add(1, Ordering::Relaxed);
+                Err(Failure::Redis(Box::new(SharedRedisError(Arc::clone(
+                    error,
+                )))))
+            }
+        }
+    }
+
+    /// Runs one Redis operation under the op timeout, counting failures.
+    async fn op<T>(
+        &self,
+        operation: impl Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, Failure> {
+        let error: BoxError = match tokio::time::timeout(self.op_timeout, operation).await {
+            Ok(Ok(value)) => return Ok(value),
+            Ok(Err(error)) => Box::new(error),
+            Err(_) => "Redis operation timed out".into(),
+        };
+        self.counters.redis_errors.fetch_add(1, Ordering::Relaxed);
+        Err(Failure::Redis(error))
+    }
+}
+
+/// A Redis error kept for every later fetch.
+#[derive(Debug)]
+struct SharedRedisError(Arc<RedisError>);
+
+impl fmt::Display for SharedRedisError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for SharedRedisError {}

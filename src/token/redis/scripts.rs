@@ -1,0 +1,35 @@
+//! The Lua scripts that make the lock protocol's compare-and-set steps atomic.
+
+use redis::Script;
+use std::sync::LazyLock;
+
+/// Deletes `KEYS[1]` if its value starts with `ARGV[1]`: the refused token's fingerprint.
+pub(super) static INVALIDATE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"local v = redis.call('GET', KEYS[1])
+if v and string.sub(v, 1, string.len(ARGV[1])) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0",
+    )
+});
+
+/// Deletes the lock `KEYS[1]` if `ARGV[1]` still holds it.
+pub(super) static RELEASE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0",
+    )
+});
+
+/// Sets the lease of the lock `KEYS[1]` to `ARGV[2]` ms if `ARGV[1]` still holds it.
+pub(super) static RENEW: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0",
+    )
+});
