@@ -315,6 +315,153 @@ async fn encrypted_tokens_are_shared_by_the_key_holders_only() {
     assert_eq!(c.fetch(None).await.unwrap().secret(), "token-2");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_planted_in_redis_in_clear_is_not_sent_unless_the_source_could_have_made_it() {
+    let redis = RedisServer::start();
+    let endpoint = Endpoint::new(Duration::ZERO);
+    let key = key();
+    let now = now_ms();
+    let planted = |token_type: &str, expires_at_ms: Option<u64>| {
+        let mut json = serde_json::json!({
+            "token_type": token_type,
+            "access_token": "attacker-token",
+            "stored_at_ms": now,
+        });
+        if let Some(at) = expires_at_ms {
+            json["expires_at_ms"] = at.into();
+        }
+        format!("{}:json:{json}", "0".repeat(32))
+    };
+    let year = 365 * 24 * 3_600_000;
+    for value in [
+        planted("Basic", Some(now + 3_600_000)),
+        planted("Bearer", None),
+        planted("Bearer", Some(now + year)),
+    ] {
+        redis.set(&token_key(&key), &value).await;
+        let process = shared(&redis, &key, &endpoint).build().unwrap();
+        let token = process.fetch(None).await.unwrap();
+        assert!(token.secret().starts_with("token-"), "{value}");
+        let stored = redis.get(&token_key(&key)).await.unwrap();
+        assert!(
+            stored.contains(token.secret()),
+            "the planted value is replaced"
+        );
+    }
+    assert_eq!(endpoint.fetches(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_without_the_key_never_replaces_a_sealed_token() {
+    let redis = RedisServer::start();
+    let endpoint = Endpoint::new(Duration::ZERO);
+    let key = key();
+    let secret = EncryptionKey::generate();
+    let sealed = shared(&redis, &key, &endpoint)
+        .encryption_key(secret.clone())
+        .build()
+        .unwrap();
+    let plain = shared(&redis, &key, &endpoint).build().unwrap();
+    assert_eq!(sealed.fetch(None).await.unwrap().secret(), "token-1");
+    let stored = redis.get(&token_key(&key)).await.unwrap();
+
+    // The plain process cannot read it, fetches its own, and may not store it.
+    assert_eq!(plain.fetch(None).await.unwrap().secret(), "token-2");
+    assert_eq!(redis.get(&token_key(&key)).await.unwrap(), stored);
+    // So the keyed processes keep sharing theirs: no fetch back and forth.
+    let peer = shared(&redis, &key, &endpoint)
+        .encryption_key(secret)
+        .build()
+        .unwrap();
+    assert_eq!(peer.fetch(None).await.unwrap().secret(), "token-1");
+    assert_eq!(endpoint.fetches(), 2);
+
+    // A keyed process replaces a clear value (once the sealed one is gone).
+    redis.del(&token_key(&key)).await;
+    assert_eq!(plain.fetch(None).await.unwrap().secret(), "token-3");
+    assert!(
+        redis
+            .get(&token_key(&key))
+            .await
+            .unwrap()
+            .contains(":json:")
+    );
+    assert_eq!(peer.fetch(None).await.unwrap().secret(), "token-4");
+    assert!(
+        redis
+            .get(&token_key(&key))
+            .await
+            .unwrap()
+            .contains(":xc20p:")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_encryption_key_rolls_out_without_a_fetch() {
+    let redis = RedisServer::start();
+    let endpoint = Endpoint::new(Duration::ZERO);
+    let key = key();
+    let (old, new) = (EncryptionKey::generate(), EncryptionKey::generate());
+    let before = shared(&redis, &key, &endpoint)
+        .encryption_key(old.clone())
+        .build()
+        .unwrap();
+    assert_eq!(before.fetch(None).await.unwrap().secret(), "token-1");
+
+    // Rolled out: the new key seals, the old one still opens.
+    let after = shared(&redis, &key, &endpoint)
+        .encryption_key(new.clone())
+        .previous_encryption_key(old)
+        .build()
+        .unwrap();
+    assert_eq!(after.fetch(None).await.unwrap().secret(), "token-1");
+    assert_eq!(endpoint.fetches(), 1);
+    // Its next token is sealed with the new key, which the rest of the new fleet reads.
+    let refused = AccessToken::bearer("token-1").unwrap();
+    assert_eq!(
+        after.fetch(Some(&refused)).await.unwrap().secret(),
+        "token-2"
+    );
+    let only_new = shared(&redis, &key, &endpoint)
+        .encryption_key(new)
+        .build()
+        .unwrap();
+    assert_eq!(only_new.fetch(None).await.unwrap().secret(), "token-2");
+    assert_eq!(endpoint.fetches(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_with_another_client_secret_does_not_ride_on_the_fleets_token() {
+    let redis = RedisServer::start();
+    let endpoint = Endpoint::new(Duration::ZERO);
+    let right = key().secret("right-secret");
+    let wrong = key().secret("wrong-secret");
+    let fleet = shared(&redis, &right, &endpoint).build().unwrap();
+    let misconfigured = shared(&redis, &wrong, &endpoint).build().unwrap();
+    assert_eq!(fleet.fetch(None).await.unwrap().secret(), "token-1");
+    // It fetches (and would fail, on a real endpoint) instead of reading token-1.
+    assert_eq!(misconfigured.fetch(None).await.unwrap().secret(), "token-2");
+}
+
+#[test]
+fn required_encryption_without_a_key_is_a_start_up_error() {
+    let endpoint = Endpoint::new(Duration::ZERO);
+    let builder = || RedisShared::builder(endpoint.source(), key());
+    let error = builder().require_encryption(true).build().err().unwrap();
+    assert!(error.is_invalid_key());
+    let error = builder()
+        .previous_encryption_key(EncryptionKey::generate())
+        .build()
+        .err()
+        .unwrap();
+    assert!(error.is_invalid_key());
+    let built = builder()
+        .require_encryption(true)
+        .encryption_key(EncryptionKey::generate())
+        .build();
+    assert!(built.is_ok());
+}
+
 // Helpers.
 
 /// A token endpoint: counts fetches, issues `token-1`, `token-2`, ... after a delay, and
@@ -442,12 +589,16 @@ fn lock_key(key: &SharedKey) -> String {
     format!("test:{{{}}}:lock", key.digest())
 }
 
-/// A stored token that expired a second ago, in the layout the module docs give.
-fn expired_value() -> String {
-    let now = SystemTime::now()
+fn now_ms() -> u64 {
+    SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap()
-        .as_millis() as u64;
+        .as_millis() as u64
+}
+
+/// A stored token that expired a second ago, in the layout the module docs give.
+fn expired_value() -> String {
+    let now = now_ms();
     format!(
         "0123456789abcdef0123456789abcdef:json:{}",
         serde_json::json!({
@@ -566,6 +717,15 @@ impl RedisServer {
             .query_async(&mut con)
             .await
             .unwrap()
+    }
+
+    async fn del(&self, key: &str) {
+        let mut con = self.connection().await;
+        redis::cmd("DEL")
+            .arg(key)
+            .query_async::<()>(&mut con)
+            .await
+            .unwrap();
     }
 
     async fn pttl(&self, key: &str) -> i64 {

@@ -1,6 +1,6 @@
 //! [`RedisSharedBuilder`]: the options of a [`RedisShared`] and their defaults.
 
-use super::{Counters, EncryptionKey, RedisShared, Shared, SharedKey};
+use super::{Counters, EncryptionKey, RedisShared, Shared, SharedKey, encryption::KeyRing};
 use crate::{error::Error, token::TokenSource};
 use redis::{
     Client,
@@ -42,6 +42,8 @@ impl<S: TokenSource> RedisShared<S> {
             poll_interval: DEFAULT_POLL_INTERVAL,
             refresh_margin: crate::DEFAULT_REFRESH_MARGIN,
             encryption_key: None,
+            previous_keys: Vec::new(),
+            require_encryption: false,
         }
     }
 }
@@ -59,6 +61,8 @@ pub struct RedisSharedBuilder<S> {
     poll_interval: Duration,
     refresh_margin: Duration,
     encryption_key: Option<EncryptionKey>,
+    previous_keys: Vec<EncryptionKey>,
+    require_encryption: bool,
 }
 
 impl<S> RedisSharedBuilder<S> {
@@ -130,13 +134,32 @@ impl<S> RedisSharedBuilder<S> {
         self
     }
 
-    /// Encrypts the tokens kept in Redis with `key` (XChaCha20-Poly1305, bound to the Redis
-    /// key they are stored under), so that whoever reads Redis without the key gets no usable
-    /// token. Every process sharing the token needs the same key: a process reads only what
-    /// it can decrypt, and one with another key (or none) fetches and stores a token of its
-    /// own, with a warning. Default: none, tokens are stored in clear.
+    /// Seals the tokens kept in Redis with `key` (XChaCha20-Poly1305, bound to the Redis key
+    /// they are stored under), so that whoever reads or writes Redis without the key can
+    /// neither use the shared token nor plant one: a process with a key reads only what one
+    /// of its keys sealed. Every process sharing the token needs the key. A process without
+    /// it never replaces a sealed token (the store is refused in Redis): it fetches and keeps
+    /// its own, with a warning. Default: none, tokens are stored in clear.
     pub fn encryption_key(mut self, key: EncryptionKey) -> Self {
         self.encryption_key = Some(key);
+        self
+    }
+
+    /// Adds a key that tokens sealed earlier may be sealed with; it opens them but seals
+    /// nothing. To rotate without an outage: give every process the new key as
+    /// [`encryption_key`](Self::encryption_key) and the old one here (the fleet keeps reading
+    /// the tokens sealed with the old key, and writes with the new one), then drop the old
+    /// key once every process runs with the new one. Call it once per key. Default: none.
+    pub fn previous_encryption_key(mut self, key: EncryptionKey) -> Self {
+        self.previous_keys.push(key);
+        self
+    }
+
+    /// Requires an [`encryption_key`](Self::encryption_key): [`build`](Self::build) fails
+    /// without one, so a process whose key was left out of its configuration stops at
+    /// start-up instead of sharing tokens in clear. Default: `false`.
+    pub fn require_encryption(mut self, required: bool) -> Self {
+        self.require_encryption = required;
         self
     }
 
@@ -145,8 +168,14 @@ impl<S> RedisSharedBuilder<S> {
     /// # Errors
     ///
     /// If the Redis URL is not valid ([`Error::is_invalid_url`]); the error does not repeat
-    /// it, since it may hold a password.
+    /// it, since it may hold a password. If encryption is
+    /// [required](Self::require_encryption), or previous keys are given, and no
+    /// [`encryption_key`](Self::encryption_key) is ([`Error::is_invalid_key`]).
     pub fn build(self) -> Result<RedisShared<S>, Error> {
+        let needs_key = self.require_encryption || !self.previous_keys.is_empty();
+        if needs_key && self.encryption_key.is_none() {
+            return Err(Error::invalid_key());
+        }
         let (client, connection) = match self.connection {
             Some(connection) => (None, OnceLock::from(Ok(connection))),
             None => {
@@ -180,7 +209,7 @@ impl<S> RedisSharedBuilder<S> {
                 op_timeout: self.op_timeout,
                 poll_interval: self.poll_interval,
                 refresh_margin: self.refresh_margin,
-                cipher: self.encryption_key.map(|key| key.cipher()),
+                keys: KeyRing::new(self.encryption_key.as_ref(), &self.previous_keys),
                 counters: Counters::default(),
             }),
         })
@@ -198,6 +227,8 @@ impl<S: fmt::Debug> fmt::Debug for RedisSharedBuilder<S> {
             .field("follower_wait", &self.follower_wait)
             .field("op_timeout", &self.op_timeout)
             .field("encryption_key", &self.encryption_key)
+            .field("previous_keys", &self.previous_keys.len())
+            .field("require_encryption", &self.require_encryption)
             .finish_non_exhaustive()
     }
 }

@@ -1,11 +1,13 @@
 //! [`EncryptionKey`]: the key that seals the tokens kept in Redis.
 
+use super::codec::hex;
 use crate::error::Error;
 use base64::{Engine as _, engine::general_purpose::STANDARD as BASE64};
 use chacha20poly1305::{
     XChaCha20Poly1305,
     aead::{KeyInit, OsRng},
 };
+use sha2::{Digest, Sha256};
 use std::{fmt, sync::Arc};
 
 /// A 256-bit key that encrypts the tokens kept in Redis: see
@@ -62,6 +64,60 @@ impl EncryptionKey {
     pub(super) fn cipher(&self) -> XChaCha20Poly1305 {
         XChaCha20Poly1305::new(&(*self.0).into())
     }
+
+    /// A short public name of the key, stored beside what it sealed so that a reader picks the
+    /// key that opens it: 8 hex digits of a SHA-256 of the key, which tell nothing of it.
+    pub(super) fn id(&self) -> String {
+        let mut hash = Sha256::new();
+        hash.update(b"blaze-auth encryption key id v1\0");
+        hash.update(*self.0);
+        hex(&hash.finalize()[..4])
+    }
+}
+
+/// The keys of one process: the current one seals and opens, the previous ones only open, so
+/// that a fleet can move to a new key without an outage.
+#[derive(Default)]
+pub(super) struct KeyRing {
+    current: Option<Sealer>,
+    previous: Vec<Sealer>,
+}
+
+/// A key's cipher and id.
+pub(super) struct Sealer {
+    pub(super) id: String,
+    pub(super) cipher: XChaCha20Poly1305,
+}
+
+impl Sealer {
+    fn new(key: &EncryptionKey) -> Self {
+        Self {
+            id: key.id(),
+            cipher: key.cipher(),
+        }
+    }
+}
+
+impl KeyRing {
+    pub(super) fn new(current: Option<&EncryptionKey>, previous: &[EncryptionKey]) -> Self {
+        Self {
+            current: current.map(Sealer::new),
+            previous: previous.iter().map(Sealer::new).collect(),
+        }
+    }
+
+    /// The key that seals, if this process seals.
+    pub(super) fn current(&self) -> Option<&Sealer> {
+        self.current.as_ref()
+    }
+
+    /// The key whose id is `id`, current or previous.
+    pub(super) fn opener(&self, id: &str) -> Option<&Sealer> {
+        self.current
+            .iter()
+            .chain(&self.previous)
+            .find(|sealer| sealer.id == id)
+    }
 }
 
 #[cfg(test)]
@@ -80,5 +136,18 @@ mod tests {
             let error = EncryptionKey::from_base64(bad).unwrap_err();
             assert!(error.is_invalid_key(), "{bad}");
         }
+    }
+
+    #[test]
+    fn key_ids_tell_keys_apart_and_are_stable() {
+        let key = EncryptionKey::from_bytes([7; 32]);
+        let other = EncryptionKey::from_bytes([8; 32]);
+        assert_eq!(key.id(), EncryptionKey::from_bytes([7; 32]).id());
+        assert_ne!(key.id(), other.id());
+        assert_eq!(key.id().len(), 8);
+        let ring = KeyRing::new(Some(&key), std::slice::from_ref(&other));
+        assert_eq!(ring.current().unwrap().id, key.id());
+        assert!(ring.opener(&other.id()).is_some());
+        assert!(ring.opener(&EncryptionKey::generate().id()).is_none());
     }
 }

@@ -1,32 +1,43 @@
 //! [`SharedKey`]: what a shared token is for, and the digest its Redis keys carry.
 
 use super::codec::hex;
+use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 use std::fmt;
 
-/// What the shared token is for: token URL, client id, scope and extra token-request
-/// parameters. Processes whose keys are equal share a token.
+/// What the shared token is for: token URL, client id, client secret, scope and extra
+/// token-request parameters. Processes whose keys are equal share a token.
 ///
-/// Redis sees only a SHA-256 digest of these inputs, and the secret is not one of them;
-/// changing any input gives another key. Get one from
-/// [`ClientCredentials::shared_key`](crate::ClientCredentials::shared_key), or build one for
-/// another source:
+/// Redis sees only a SHA-256 digest of these inputs; changing any input gives another key.
+/// The secret enters it as a keyed hash (HMAC-SHA256 keyed with the secret), never itself:
+/// a process with a wrong or rotated-out secret does not ride on its peers' token, it
+/// fetches its own, and its mistake shows at once as the token endpoint refuses it. Get a
+/// key from [`ClientCredentials::shared_key`](crate::ClientCredentials::shared_key), or
+/// build one for another source:
 ///
 /// ```
 /// use blaze_auth::token::redis::SharedKey;
 ///
 /// let key = SharedKey::new("https://login.example.com/oauth/token", "my-client-id")
+///     .secret("my-client-secret")
 ///     .scope("full")
 ///     .param("audience", "https://api.example.com");
 /// assert_ne!(key.digest(), key.clone().scope("read").digest());
+/// assert_ne!(key.digest(), key.clone().secret("rotated-secret").digest());
 /// assert_eq!(key.digest().len(), 64);
 /// ```
+///
+/// Whoever can list the Redis keys can test guesses of the secret against the digest, as
+/// against any hash of it: a random secret (as token endpoints issue) is safe, a guessable
+/// one is guessable anyway.
 #[derive(Clone, PartialEq, Eq)]
 pub struct SharedKey {
     token_url: Box<str>,
     client_id: Box<str>,
     scope: Option<Box<str>>,
     params: Vec<(Box<str>, Box<str>)>,
+    /// HMAC-SHA256 of a fixed label, keyed with the client secret.
+    secret_tag: Option<[u8; 32]>,
 }
 
 impl SharedKey {
@@ -38,7 +49,19 @@ impl SharedKey {
             client_id: client_id.into(),
             scope: None,
             params: Vec::new(),
+            secret_tag: None,
         }
+    }
+
+    /// Mixes the client secret into the key, as a keyed hash: processes with different
+    /// secrets never share a token. Default: none (for sources without a secret).
+    pub fn secret(mut self, secret: &str) -> Self {
+        // HMAC takes keys of any length.
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(secret.as_bytes())
+            .unwrap_or_else(|_| unreachable!("HMAC accepts keys of any length"));
+        mac.update(b"blaze-auth shared key secret v1");
+        self.secret_tag = Some(mac.finalize().into_bytes().into());
+        self
     }
 
     /// Sets the scope requested. Default: none.
@@ -57,7 +80,7 @@ impl SharedKey {
     /// The hex SHA-256 digest of the inputs: what the Redis keys carry.
     pub fn digest(&self) -> String {
         let mut hash = Sha256::new();
-        hash.update(b"blaze-auth shared key v1\0");
+        hash.update(b"blaze-auth shared key v2\0");
         let mut field = |bytes: &[u8]| {
             hash.update((bytes.len() as u64).to_be_bytes());
             hash.update(bytes);
@@ -77,6 +100,13 @@ impl SharedKey {
             field(name.as_bytes());
             field(value.as_bytes());
         }
+        match &self.secret_tag {
+            Some(tag) => {
+                field(b"secret");
+                field(tag);
+            }
+            None => field(b"no secret"),
+        }
         hex(&hash.finalize())
     }
 }
@@ -94,6 +124,22 @@ impl fmt::Debug for SharedKey {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_secret_changes_the_digest_and_never_shows() {
+        let key = SharedKey::new("https://h/token", "id");
+        let with = key.clone().secret("hunter2");
+        assert_ne!(with.digest(), key.digest());
+        assert_ne!(with.digest(), key.secret("hunter3").digest());
+        assert_eq!(
+            with.digest(),
+            SharedKey::new("https://h/token", "id")
+                .secret("hunter2")
+                .digest()
+        );
+        let shown = format!("{with:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+    }
 
     #[test]
     fn key_digest_changes_with_every_input_and_not_with_param_order() {
@@ -134,6 +180,11 @@ mod tests {
                 .scope("full")
                 .param("a", "1")
                 .param("b", "3"),
+            SharedKey::new("https://h/token", "id")
+                .scope("full")
+                .param("a", "1")
+                .param("b", "2")
+                .secret("s"),
             // Field boundaries matter: "ab" + "c" is not "a" + "bc".
             SharedKey::new("https://h/token", "id")
                 .scope("full")

@@ -3,8 +3,8 @@
 
 use super::{
     Shared,
-    codec::{Codec, fingerprint, millis, now_ms},
-    scripts::{INVALIDATE, RELEASE, RENEW},
+    codec::{Codec, fingerprint, millis, now_ms, shareable_until},
+    scripts::{INVALIDATE, RELEASE, RENEW, STORE},
 };
 use crate::{
     error::BoxError,
@@ -166,7 +166,10 @@ impl<S: TokenSource> Shared<S> {
             return Ok(None);
         };
         let Some((fp, stored)) = self.codec().decode(&value) else {
-            tracing::warn!("the token stored in Redis cannot be read: fetching a new one");
+            tracing::warn!(
+                sealed = self.keys.current().is_some(),
+                "the token stored in Redis cannot be read with this process's keys: fetching a new one"
+            );
             return Ok(None);
         };
         if rejected_fp == Some(fp) {
@@ -175,28 +178,36 @@ impl<S: TokenSource> Shared<S> {
         Ok(stored.into_token(now_ms(), self.refresh_margin))
     }
 
+    /// Stores `token` for the fleet, if it is one the fleet accepts (see
+    /// [`shareable_until`]) and the stored one is not sealed while this process is not.
     async fn store(&self, con: &mut ConnectionManager, token: &AccessToken) -> Result<(), Failure> {
         let now = now_ms();
-        let expires_at_ms = token.expires_at().map(|at| {
-            let left = at.saturating_duration_since(Instant::now());
-            now.saturating_add(millis(left))
-        });
-        let mut set = redis::cmd("SET");
-        set.arg(&self.token_key)
-            .arg(self.codec().encode(token, now, expires_at_ms));
-        match expires_at_ms {
-            Some(at) if at <= now => return Ok(()),
-            Some(at) => {
-                set.arg("PX").arg(at - now);
-            }
-            None => {}
+        let Some(expires_at_ms) = shareable_until(token, now) else {
+            tracing::debug!("not a Bearer token that expires within a day: not shared");
+            return Ok(());
+        };
+        let mut invocation = STORE.key(&self.token_key);
+        invocation
+            .arg(self.codec().encode(token, now, expires_at_ms))
+            .arg(expires_at_ms - now)
+            .arg(if self.keys.current().is_some() {
+                "sealed"
+            } else {
+                "clear"
+            });
+        let stored: i64 = self.op(invocation.invoke_async(con)).await?;
+        if stored == 0 {
+            tracing::warn!(
+                "a sealed token is stored in Redis and this process has no encryption key: \
+                 its token is not shared"
+            );
         }
-        self.op(set.query_async::<()>(con)).await
+        Ok(())
     }
 
     fn codec(&self) -> Codec<'_> {
         Codec {
-            cipher: self.cipher.as_ref(),
+            keys: &self.keys,
             aad: &self.token_key,
         }
     }

@@ -60,8 +60,8 @@
 //!
 //! # Data in Redis
 //!
-//! With the default prefix and `D` the hex SHA-256 digest of the key inputs (never the
-//! secret):
+//! With the default prefix and `D` the hex SHA-256 digest of the key inputs (the client
+//! secret enters only as a keyed hash, see [`SharedKey`]):
 //!
 //! - `blaze-auth:{D}:token`: `F:json:{"token_type":..,"access_token":..,"scope":..,
 //!   "expires_at_ms":..,"stored_at_ms":..}`, where `F` is a fingerprint of the token (a
@@ -69,12 +69,30 @@
 //!   milliseconds, since processes share no monotonic clock. It expires (`PX`) with the
 //!   token.
 //!   With an [`encryption_key`](RedisSharedBuilder::encryption_key) the JSON is sealed:
-//!   `F:xc20p:` and the base64 of a random nonce and the XChaCha20-Poly1305 ciphertext.
+//!   `F:xc20p:K:` and the base64 of a random nonce and the XChaCha20-Poly1305 ciphertext,
+//!   `K` the key's id (8 hex digits of a hash of it), so that a reader picks the key that
+//!   opens it.
 //! - `blaze-auth:{D}:lock`: a random holder id, with the lease as its `PX`.
+//!
+//! # Threat model
 //!
 //! A token in Redis is a credential: whoever can read the key can act as the client. Keep
 //! Redis private to the processes that share it (ACLs, TLS with `rediss://`, a private
-//! network), and consider an [`EncryptionKey`].
+//! network).
+//!
+//! **Write access to Redis means token substitution, unless tokens are sealed.** Whoever can
+//! write the key can make every process send a token of their choosing (one of their own
+//! client's, say, so that the fleet's writes land in their account). What a process accepts
+//! from Redis is bounded by what its own source would give: a `Bearer` token with an expiry
+//! at most a day away; anything else (a `Basic` credential, a token that never expires) is
+//! ignored and replaced. Within those bounds only sealing helps: with an [`EncryptionKey`], a
+//! process accepts only tokens sealed with a key it holds, so a writer without the key can
+//! delete the token (the fleet fetches a new one) but not plant one. A process without the
+//! key never replaces a sealed token (the store script refuses), so a fleet in which some
+//! processes lack the key does not alternate between clear and sealed;
+//! [`require_encryption`](RedisSharedBuilder::require_encryption) makes a missing key a
+//! start-up error. Keys rotate without an outage:
+//! [`previous_encryption_key`](RedisSharedBuilder::previous_encryption_key).
 //!
 //! # Clocks
 //!
@@ -92,8 +110,8 @@ mod scripts;
 
 pub use self::{builder::RedisSharedBuilder, encryption::EncryptionKey, key::SharedKey};
 
+use self::encryption::KeyRing;
 use crate::token::{AccessToken, TokenFuture, TokenSource};
-use chacha20poly1305::XChaCha20Poly1305;
 use redis::{
     Client, RedisError,
     aio::{ConnectionManager, ConnectionManagerConfig},
@@ -128,7 +146,7 @@ struct Shared<S> {
     op_timeout: Duration,
     poll_interval: Duration,
     refresh_margin: Duration,
-    cipher: Option<XChaCha20Poly1305>,
+    keys: KeyRing,
     counters: Counters,
 }
 

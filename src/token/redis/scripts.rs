@@ -33,3 +33,19 @@ end
 return 0",
     )
 });
+
+/// Stores the token `ARGV[1]` at `KEYS[1]` for `ARGV[2]` ms, unless `ARGV[3]` is `clear` and
+/// a sealed token is stored there: a process without the encryption key never replaces the
+/// token of the processes with it. Returns 1 if stored.
+pub(super) static STORE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"if ARGV[3] == 'clear' then
+  local v = redis.call('GET', KEYS[1])
+  if v and string.match(v, '^[^:]*:xc20p:') then
+    return 0
+  end
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1",
+    )
+});
