@@ -15,6 +15,7 @@ use blaze_auth::{
     testing::{DEMO_CLIENT_ID, DEMO_CLIENT_SECRET, DEMO_STUDY, StandIn, TokenFailure},
 };
 use bytes::Bytes;
+use http::StatusCode;
 use http_body_util::Full;
 use hyper_util::{client::legacy::Client, rt::TokioExecutor};
 use redis_server::RedisServer;
@@ -104,6 +105,49 @@ async fn a_lock_holder_killed_mid_fetch_is_taken_over_and_every_request_ends() {
     assert_eq!(fleet.stand_in.token_requests(), 2, "A's and the taker's");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_costs_the_fleet_one_schedule_of_token_requests_not_one_per_process() {
+    let fleet = Fleet::start().await;
+    let outage = Duration::from_secs(10);
+    fleet.stand_in.fail_token_requests(
+        usize::MAX,
+        TokenFailure::Status(StatusCode::SERVICE_UNAVAILABLE),
+    );
+
+    // Eight processes send a request every 20 ms; their layers ask for a token at each one
+    // (no cool-down of their own), so only the shared cool-down keeps them off the endpoint.
+    let mut children: Vec<_> = (0..8).map(|_| fleet.spawn(Mode::Steady)).collect();
+    for child in &mut children {
+        child.wait_for("started");
+        child.go();
+    }
+    tokio::time::sleep(outage).await;
+    let during = fleet.stand_in.token_requests();
+    fleet.stand_in.stop_failing_token_requests();
+
+    // 1 s doubling: requests at 0, 1, 3 and 7 s, the next one at 15 s.
+    let schedule = attempts_within(outage, FAILURE_COOLDOWN);
+    assert_eq!(schedule, 4);
+    assert!(
+        (1..=schedule).contains(&during),
+        "{during} token requests in the outage, for a schedule of {schedule}"
+    );
+    // The fleet's next attempt, when the cool-down running at the return ends, succeeds
+    // for every process.
+    for child in &children {
+        child.wait_for("ok");
+    }
+    let after = fleet.stand_in.token_requests() - during;
+    assert_eq!(after, 1, "one token request brings the whole fleet back");
+    let reports: Vec<_> = children.into_iter().map(Running::finish).collect();
+    for report in &reports {
+        assert!(report.last_ok, "{report:?}");
+        assert_eq!(report.metrics.fallbacks, 0, "{report:?}");
+    }
+    let cooldowns: u64 = reports.iter().map(|r| r.metrics.cooldowns).sum();
+    assert!(cooldowns > 0);
+}
+
 /// The entry point of the child processes, not a test: the parent runs this binary again
 /// with `--ignored --exact child_process` and the settings in `FLEET_*` variables. The child
 /// prints `FLEET started` once its layer is built, waits for a line on its stdin, and
@@ -138,6 +182,7 @@ async fn child(mode: &str) -> Result<serde_json::Value, BoxError> {
         .key_prefix(&var("FLEET_PREFIX")?)
         .lease(millis("FLEET_LEASE_MS")?)
         .follower_wait(millis("FLEET_FOLLOWER_WAIT_MS")?)
+        .failure_cooldown(FAILURE_COOLDOWN)
         .poll_interval(Duration::from_millis(20))
         .op_timeout(Duration::from_secs(2))
         .build()?;
@@ -161,21 +206,42 @@ async fn child(mode: &str) -> Result<serde_json::Value, BoxError> {
     tokio::task::spawn_blocking(|| std::io::stdin().lines().next()).await?;
     let patient = format!("{}/Patient/p-0001", var("FLEET_API")?);
     let (mut ok, mut failed) = (0u64, 0u64);
-    let n: usize = mode.strip_prefix("burst:").ok_or("unknown mode")?.parse()?;
-    let mut requests = JoinSet::new();
-    for _ in 0..n {
-        let request = http::Request::get(&patient).body(Full::default())?;
-        requests.spawn(client.clone().oneshot(request));
-    }
-    while let Some(answer) = requests.join_next().await {
-        match answer? {
-            Ok(response) if response.status().is_success() => ok += 1,
-            _ => failed += 1,
+    let mut last_ok = false;
+    if mode == "steady" {
+        // A request every 20 ms until the parent closes stdin.
+        let stop = tokio::task::spawn_blocking(|| std::io::stdin().lines().count());
+        while !stop.is_finished() {
+            let request = http::Request::get(&patient).body(Full::default())?;
+            let answer = client.clone().oneshot(request).await;
+            last_ok = matches!(answer, Ok(response) if response.status().is_success());
+            if !last_ok {
+                failed += 1;
+            } else if ok == 0 {
+                ok += 1;
+                println!("FLEET ok");
+            } else {
+                ok += 1;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    } else {
+        let n: usize = mode.strip_prefix("burst:").ok_or("unknown mode")?.parse()?;
+        let mut requests = JoinSet::new();
+        for _ in 0..n {
+            let request = http::Request::get(&patient).body(Full::default())?;
+            requests.spawn(client.clone().oneshot(request));
+        }
+        while let Some(answer) = requests.join_next().await {
+            match answer? {
+                Ok(response) if response.status().is_success() => ok += 1,
+                _ => failed += 1,
+            }
         }
     }
     Ok(serde_json::json!({
         "ok": ok,
         "failed": failed,
+        "last_ok": last_ok,
         "metrics": metrics_json(&shared.metrics()),
     }))
 }
@@ -189,6 +255,7 @@ fn metrics_json(m: &RedisMetrics) -> serde_json::Value {
         m.fallbacks,
         m.redis_errors,
         m.invalidations,
+        m.cooldowns,
     ])
 }
 
@@ -198,7 +265,13 @@ fn metrics_json(m: &RedisMetrics) -> serde_json::Value {
 enum Mode {
     /// Sends this many requests at once, then exits.
     Burst(usize),
+    /// Sends a request every 20 ms until its stdin closes; prints `FLEET ok` at its first
+    /// success.
+    Steady,
 }
+
+/// The fleet's first cool-down after a failed token request.
+const FAILURE_COOLDOWN: Duration = Duration::from_secs(1);
 
 /// A stand-in and a `redis-server` for child processes to share.
 struct Fleet {
@@ -247,6 +320,7 @@ impl Fleet {
     fn spawn(&self, mode: Mode) -> Running {
         let mode = match mode {
             Mode::Burst(n) => format!("burst:{n}"),
+            Mode::Steady => "steady".into(),
         };
         let mut child = Command::new(std::env::current_exe().unwrap())
             .args(["--ignored", "--exact", "child_process", "--nocapture"])
@@ -294,6 +368,8 @@ struct Running {
 struct Report {
     ok: u64,
     failed: u64,
+    /// Whether the last request succeeded.
+    last_ok: bool,
     metrics: RedisMetrics,
 }
 
@@ -337,10 +413,12 @@ impl Running {
             metrics.fallbacks,
             metrics.redis_errors,
             metrics.invalidations,
+            metrics.cooldowns,
         ] = m.try_into().unwrap();
         Report {
             ok: json["ok"].as_u64().unwrap(),
             failed: json["failed"].as_u64().unwrap(),
+            last_ok: json["last_ok"].as_bool().unwrap(),
             metrics,
         }
     }
@@ -351,6 +429,16 @@ impl Drop for Running {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// How many token requests a cool-down of `first`, doubling, lets through in `outage`.
+fn attempts_within(outage: Duration, first: Duration) -> u64 {
+    let (mut at, mut attempts) = (Duration::ZERO, 0);
+    while at < outage {
+        attempts += 1;
+        at += first * 2u32.pow(attempts as u32 - 1);
+    }
+    attempts
 }
 
 /// Polls `condition` every 10 ms, for 30 s at most.

@@ -463,6 +463,64 @@ fn required_encryption_without_a_key_is_a_start_up_error() {
     assert!(built.is_ok());
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_fetch_is_shared_and_its_cool_down_doubles_for_the_fleet() {
+    let redis = RedisServer::start();
+    let key = key();
+    let calls = Arc::new(AtomicU64::new(0));
+    let failing = {
+        let calls = Arc::clone(&calls);
+        token_fn(move |_| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            async { Err::<AccessToken, _>("endpoint down") }
+        })
+    };
+    let process = || {
+        shared_with(&redis, &key, failing.clone())
+            .failure_cooldown(Duration::from_secs(5))
+            .build()
+            .unwrap()
+    };
+    let (a, b) = (process(), process());
+    // The cool-down ends when the failure's PTTL falls to the 60 s memory of the count.
+    let failures = failures_key(&key);
+    let end_cool_down = || redis.pexpire(&failures, 60_000);
+
+    assert!(a.fetch(None).await.is_err());
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    // B learns of A's failure from Redis: an error, no call.
+    let error = b.fetch(None).await.unwrap_err();
+    assert!(error.to_string().contains("1 time(s) in a row"), "{error}");
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    assert_eq!(b.metrics().cooldowns, 1);
+    let ttl = redis.pttl(&failures_key(&key)).await;
+    assert!(
+        (60_000..=65_000).contains(&ttl),
+        "5 s and the memory: {ttl}"
+    );
+
+    // After the cool-down, one call; it fails again, and the next cool-down is twice as long.
+    end_cool_down().await;
+    assert!(b.fetch(None).await.is_err());
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    assert_eq!(redis.get(&failures_key(&key)).await.as_deref(), Some("2"));
+    let ttl = redis.pttl(&failures_key(&key)).await;
+    assert!(
+        (65_000..=70_000).contains(&ttl),
+        "10 s and the memory: {ttl}"
+    );
+    assert!(a.fetch(None).await.is_err());
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+
+    // A token stored ends the failures.
+    end_cool_down().await;
+    let endpoint = Endpoint::new(Duration::ZERO);
+    let healthy = shared(&redis, &key, &endpoint).build().unwrap();
+    assert_eq!(healthy.fetch(None).await.unwrap().secret(), "token-1");
+    assert_eq!(redis.get(&failures_key(&key)).await, None);
+    assert_eq!(a.fetch(None).await.unwrap().secret(), "token-1");
+}
+
 // Helpers.
 
 /// A token endpoint: counts fetches, issues `token-1`, `token-2`, ... after a delay, and
@@ -584,6 +642,10 @@ fn shared_with<S: TokenSource>(
 
 fn token_key(key: &SharedKey) -> String {
     format!("test:{{{}}}:token", key.digest())
+}
+
+fn failures_key(key: &SharedKey) -> String {
+    format!("test:{{{}}}:failures", key.digest())
 }
 
 fn lock_key(key: &SharedKey) -> String {

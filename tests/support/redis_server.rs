@@ -128,6 +128,16 @@ impl RedisServer {
             .unwrap();
     }
 
+    pub async fn pexpire(&self, key: &str, ms: u64) {
+        let mut con = self.connection().await;
+        redis::cmd("PEXPIRE")
+            .arg(key)
+            .arg(ms)
+            .query_async::<()>(&mut con)
+            .await
+            .unwrap();
+    }
+
     pub async fn pttl(&self, key: &str) -> i64 {
         let mut con = self.connection().await;
         redis::cmd("PTTL")

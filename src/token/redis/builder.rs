@@ -23,6 +23,9 @@ const DEFAULT_LEASE: Duration = Duration::from_secs(10);
 const DEFAULT_FOLLOWER_WAIT: Duration = Duration::from_secs(20);
 /// The limit on one Redis operation when none is set: see [`RedisSharedBuilder::op_timeout`].
 const DEFAULT_OP_TIMEOUT: Duration = Duration::from_millis(250);
+/// The first shared cool-down after a failed fetch when none is set: see
+/// [`RedisSharedBuilder::failure_cooldown`]; the layer's.
+const DEFAULT_FAILURE_COOLDOWN: Duration = Duration::from_secs(1);
 /// How often a waiting process looks for the token when not set: see
 /// [`RedisSharedBuilder::poll_interval`].
 const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(50);
@@ -40,6 +43,7 @@ impl<S: TokenSource> RedisShared<S> {
             follower_wait: DEFAULT_FOLLOWER_WAIT,
             op_timeout: DEFAULT_OP_TIMEOUT,
             poll_interval: DEFAULT_POLL_INTERVAL,
+            failure_cooldown: DEFAULT_FAILURE_COOLDOWN,
             refresh_margin: crate::DEFAULT_REFRESH_MARGIN,
             encryption_key: None,
             previous_keys: Vec::new(),
@@ -59,6 +63,7 @@ pub struct RedisSharedBuilder<S> {
     follower_wait: Duration,
     op_timeout: Duration,
     poll_interval: Duration,
+    failure_cooldown: Duration,
     refresh_margin: Duration,
     encryption_key: Option<EncryptionKey>,
     previous_keys: Vec<EncryptionKey>,
@@ -120,6 +125,18 @@ impl<S> RedisSharedBuilder<S> {
     /// 50 ms.
     pub fn poll_interval(mut self, interval: Duration) -> Self {
         self.poll_interval = interval.max(Duration::from_millis(1));
+        self
+    }
+
+    /// Sets the fleet's cool-down after a failed fetch. When the fetch of the process holding
+    /// the lock fails, it records the failure in Redis, and until the cool-down ends every
+    /// process sharing the token gets an error at once instead of asking the token endpoint
+    /// again: for an endpoint that is down, the fleet's token requests follow one schedule,
+    /// not one per process. The cool-down doubles with each failure in a row, up to 30 s (or
+    /// this, if longer), as the layer's own does. A stored token ends it. Default: 1 s, the
+    /// layer's [`fetch_cooldown`](crate::Builder::fetch_cooldown).
+    pub fn failure_cooldown(mut self, cooldown: Duration) -> Self {
+        self.failure_cooldown = cooldown;
         self
     }
 
@@ -204,6 +221,8 @@ impl<S> RedisSharedBuilder<S> {
                 // The digest is a hash tag: on a Redis Cluster both keys live on one node.
                 token_key: format!("{prefix}{{{digest}}}:token"),
                 lock_key: format!("{prefix}{{{digest}}}:lock"),
+                failure_key: format!("{prefix}{{{digest}}}:failures"),
+                failure_cooldown: self.failure_cooldown,
                 lease: self.lease,
                 follower_wait: self.follower_wait,
                 op_timeout: self.op_timeout,

@@ -4,7 +4,7 @@
 use super::{
     Shared,
     codec::{Codec, fingerprint, millis, now_ms, shareable_until},
-    scripts::{INVALIDATE, RELEASE, RENEW, STORE},
+    scripts::{FAIL, INVALIDATE, RELEASE, RENEW, STORE},
 };
 use crate::{
     error::BoxError,
@@ -17,8 +17,16 @@ use std::{
     future::Future,
     pin::pin,
     sync::{Arc, atomic::Ordering},
+    time::Duration,
 };
 use tokio::time::Instant;
+
+/// The longest shared cool-down, unless the configured first one is longer: the layer's.
+const MAX_COOLDOWN: Duration = Duration::from_secs(30);
+
+/// How long Redis remembers the count of failures in a row after a cool-down ends, so that
+/// the next failure doubles it.
+const FAILURE_MEMORY: Duration = Duration::from_secs(60);
 
 /// Why a shared fetch did not give a token.
 enum Failure {
@@ -28,7 +36,36 @@ enum Failure {
     WaitTimedOut,
     /// The wrapped source failed while this process held the lock.
     Source(BoxError),
+    /// A process's fetch failed lately, and the fleet's cool-down has not ended.
+    CoolingDown(u64),
 }
+
+/// What Redis holds for the fleet.
+enum Found {
+    /// A token to use.
+    Token(AccessToken),
+    /// No token, and the fleet's cool-down after this many failed fetches in a row.
+    CoolingDown(u64),
+    /// Neither: a token is to be fetched.
+    Nothing,
+}
+
+/// The error of a fetch during the fleet's cool-down.
+#[derive(Debug)]
+struct FleetCoolingDown(u64);
+
+impl fmt::Display for FleetCoolingDown {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "the token endpoint failed {} time(s) in a row for the processes sharing the token; \
+             not asking it again before their cool-down ends",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for FleetCoolingDown {}
 
 impl<S: TokenSource> Shared<S> {
     pub(super) async fn fetch(
@@ -38,6 +75,10 @@ impl<S: TokenSource> Shared<S> {
         let why = match self.fetch_shared(rejected).await {
             Ok(token) => return Ok(token),
             Err(Failure::Source(error)) => return Err(error),
+            Err(Failure::CoolingDown(in_a_row)) => {
+                self.counters.cooldowns.fetch_add(1, Ordering::Relaxed);
+                return Err(FleetCoolingDown(in_a_row).into());
+            }
             Err(Failure::Redis(error)) => {
                 tracing::warn!(%error, "Redis unavailable: fetching the token without it");
                 "redis"
@@ -72,9 +113,13 @@ impl<S: TokenSource> Shared<S> {
         let deadline = Instant::now() + self.follower_wait;
         let mut waiting = false;
         loop {
-            if let Some(token) = self.read(&mut con, rejected_fp.as_deref()).await? {
-                self.counters.shared_hits.fetch_add(1, Ordering::Relaxed);
-                return Ok(token);
+            match self.read(&mut con, rejected_fp.as_deref()).await? {
+                Found::Token(token) => {
+                    self.counters.shared_hits.fetch_add(1, Ordering::Relaxed);
+                    return Ok(token);
+                }
+                Found::CoolingDown(in_a_row) => return Err(Failure::CoolingDown(in_a_row)),
+                Found::Nothing => {}
             }
             let holder = format!("{:032x}", fastrand::u128(..));
             let locked: Option<String> = self
@@ -109,20 +154,30 @@ impl<S: TokenSource> Shared<S> {
         rejected: Option<&AccessToken>,
         rejected_fp: Option<String>,
     ) -> Result<AccessToken, Failure> {
-        // The token may have been stored between our read and our lock.
-        if let Ok(Some(token)) = self.read(con, rejected_fp.as_deref()).await {
-            self.release(con, holder).await;
-            self.counters.shared_hits.fetch_add(1, Ordering::Relaxed);
-            return Ok(token);
+        // The token, or a failure, may have been stored between our read and our lock.
+        match self.read(con, rejected_fp.as_deref()).await {
+            Ok(Found::Token(token)) => {
+                self.release(con, holder).await;
+                self.counters.shared_hits.fetch_add(1, Ordering::Relaxed);
+                return Ok(token);
+            }
+            Ok(Found::CoolingDown(in_a_row)) => {
+                self.release(con, holder).await;
+                return Err(Failure::CoolingDown(in_a_row));
+            }
+            Ok(Found::Nothing) | Err(_) => {}
         }
         self.counters.source_fetches.fetch_add(1, Ordering::Relaxed);
         tracing::debug!("holding the Redis lock: fetching the token");
         let result = self.fetch_renewing(con, holder, rejected).await;
-        if let Ok(token) = &result {
-            if let Err(Failure::Redis(error)) = self.store(con, token).await {
-                tracing::warn!(%error, "could not store the token in Redis");
-            }
+        let recorded = match &result {
+            Ok(token) => self.store(con, token).await,
+            Err(_) => self.record_failure(con).await,
+        };
+        if let Err(Failure::Redis(error)) = recorded {
+            tracing::warn!(%error, "could not record the fetch's outcome in Redis");
         }
+        // Released after the outcome is recorded: a process that takes the lock next finds it.
         self.release(con, holder).await;
         result.map_err(Failure::Source)
     }
@@ -153,29 +208,62 @@ impl<S: TokenSource> Shared<S> {
         }
     }
 
-    /// The stored token, if there is one that is neither near its expiry nor `rejected_fp`.
+    /// The stored token, if there is one that is neither near its expiry nor `rejected_fp`;
+    /// else the fleet's cool-down, if one runs.
     async fn read(
         &self,
         con: &mut ConnectionManager,
         rejected_fp: Option<&str>,
-    ) -> Result<Option<AccessToken>, Failure> {
-        let value: Option<String> = self
-            .op(redis::cmd("GET").arg(&self.token_key).query_async(con))
+    ) -> Result<Found, Failure> {
+        let (value, failures, failure_ttl): (Option<String>, Option<u64>, i64) = self
+            .op(redis::pipe()
+                .cmd("GET")
+                .arg(&self.token_key)
+                .cmd("GET")
+                .arg(&self.failure_key)
+                .cmd("PTTL")
+                .arg(&self.failure_key)
+                .query_async(con))
             .await?;
-        let Some(value) = value else {
-            return Ok(None);
-        };
-        let Some((fp, stored)) = self.codec().decode(&value) else {
+        if let Some(token) = value.and_then(|value| self.accept(&value, rejected_fp)) {
+            return Ok(Found::Token(token));
+        }
+        // The failure's PTTL is the cool-down left plus the memory of the count.
+        match failures {
+            Some(in_a_row) if failure_ttl > millis(FAILURE_MEMORY) as i64 => {
+                Ok(Found::CoolingDown(in_a_row))
+            }
+            _ => Ok(Found::Nothing),
+        }
+    }
+
+    /// The token in `value`, if this process can read it and would accept it.
+    fn accept(&self, value: &str, rejected_fp: Option<&str>) -> Option<AccessToken> {
+        let Some((fp, stored)) = self.codec().decode(value) else {
             tracing::warn!(
                 sealed = self.keys.current().is_some(),
                 "the token stored in Redis cannot be read with this process's keys: fetching a new one"
             );
-            return Ok(None);
+            return None;
         };
         if rejected_fp == Some(fp) {
-            return Ok(None);
+            return None;
         }
-        Ok(stored.into_token(now_ms(), self.refresh_margin))
+        stored.into_token(now_ms(), self.refresh_margin)
+    }
+
+    /// Records a failed fetch for the fleet: its cool-down doubles with each failure in a
+    /// row, as the layer's does.
+    async fn record_failure(&self, con: &mut ConnectionManager) -> Result<(), Failure> {
+        let first = self.failure_cooldown;
+        let mut invocation = FAIL.key(&self.failure_key);
+        invocation
+            .arg(millis(first))
+            .arg(millis(MAX_COOLDOWN.max(first)))
+            .arg(millis(FAILURE_MEMORY));
+        let in_a_row: u64 = self.op(invocation.invoke_async(con)).await?;
+        tracing::debug!(in_a_row, "token fetch failure recorded in Redis");
+        Ok(())
     }
 
     /// Stores `token` for the fleet, if it is one the fleet accepts (see
@@ -188,6 +276,7 @@ impl<S: TokenSource> Shared<S> {
         };
         let mut invocation = STORE.key(&self.token_key);
         invocation
+            .key(&self.failure_key)
             .arg(self.codec().encode(token, now, expires_at_ms))
             .arg(expires_at_ms - now)
             .arg(if self.keys.current().is_some() {

@@ -22,6 +22,13 @@
 //!
 //! However many processes need a new token at once, one of them fetches it.
 //!
+//! When that fetch fails, the lock holder records the failure in Redis before it releases
+//! the lock, and until the fleet's cool-down ends
+//! ([`failure_cooldown`](RedisSharedBuilder::failure_cooldown): 1 s, doubling with each
+//! failure in a row up to 30 s) every process that asks gets an error at once, without a
+//! token request: an endpoint that is down sees one schedule of retries from the fleet, not
+//! one per process. The next token stored ends it.
+//!
 //! # When Redis is down
 //!
 //! Redis is never a single point of failure. Every Redis operation has a short timeout
@@ -73,6 +80,8 @@
 //!   `K` the key's id (8 hex digits of a hash of it), so that a reader picks the key that
 //!   opens it.
 //! - `blaze-auth:{D}:lock`: a random holder id, with the lease as its `PX`.
+//! - `blaze-auth:{D}:failures`: the number of failed fetches in a row, with the cool-down
+//!   plus 60 s as its `PX`: a PTTL over 60 s means the cool-down runs (Redis's clock only).
 //!
 //! # Threat model
 //!
@@ -141,6 +150,8 @@ struct Shared<S> {
     connection_config: ConnectionManagerConfig,
     token_key: String,
     lock_key: String,
+    failure_key: String,
+    failure_cooldown: Duration,
     lease: Duration,
     follower_wait: Duration,
     op_timeout: Duration,
@@ -159,6 +170,7 @@ struct Counters {
     fallbacks: AtomicU64,
     redis_errors: AtomicU64,
     invalidations: AtomicU64,
+    cooldowns: AtomicU64,
 }
 
 /// What a [`RedisShared`] has done so far, from [`RedisShared::metrics`].
@@ -183,6 +195,9 @@ pub struct RedisMetrics {
     pub redis_errors: u64,
     /// Refused tokens deleted from Redis by compare-and-delete.
     pub invalidations: u64,
+    /// Fetches answered with an error and no token request, because a process's fetch failed
+    /// lately and the fleet's cool-down ([`RedisSharedBuilder::failure_cooldown`]) runs.
+    pub cooldowns: u64,
 }
 
 impl<S> RedisShared<S> {
@@ -198,6 +213,7 @@ impl<S> RedisShared<S> {
             fallbacks: load(&c.fallbacks),
             redis_errors: load(&c.redis_errors),
             invalidations: load(&c.invalidations),
+            cooldowns: load(&c.cooldowns),
         }
     }
 
