@@ -18,7 +18,7 @@ use bytes::Bytes;
 use http::StatusCode;
 use http_body_util::Full;
 use hyper_util::{client::legacy::Client, rt::TokioExecutor};
-use redis_server::RedisServer;
+use redis_server::{Backend, RedisServer};
 use std::{
     io::{BufRead, BufReader, Write},
     process::{Child, ChildStdin, Command, Stdio},

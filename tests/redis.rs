@@ -14,7 +14,7 @@ use blaze_auth::{
     token_fn,
 };
 use http::{Request, Response, StatusCode, header::AUTHORIZATION};
-use redis_server::{RedisServer, free_port};
+use redis_server::{Backend, RedisCluster, RedisServer, free_port};
 use std::{
     collections::HashSet,
     convert::Infallible,
@@ -29,7 +29,15 @@ use tower::{Layer, ServiceExt, service_fn, util::BoxCloneService};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn eight_processes_with_an_expired_shared_token_fetch_one_token() {
-    let redis = RedisServer::start();
+    eight_processes_fetch_one_token(&RedisServer::start()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn on_a_cluster_eight_processes_with_an_expired_shared_token_fetch_one_token() {
+    eight_processes_fetch_one_token(&RedisCluster::start()).await;
+}
+
+async fn eight_processes_fetch_one_token(redis: &(impl Backend + Sync)) {
     let endpoint = Endpoint::new(Duration::from_millis(200));
     let key = key();
     // The shared token has expired: every process needs a new one at once.
@@ -37,7 +45,7 @@ async fn eight_processes_with_an_expired_shared_token_fetch_one_token() {
 
     let mut processes = JoinSet::new();
     for _ in 0..8 {
-        let shared = shared(&redis, &key, &endpoint).build().unwrap();
+        let shared = shared(redis, &key, &endpoint).build().unwrap();
         let client = client(shared.clone(), &endpoint);
         processes.spawn(async move {
             let mut requests = JoinSet::new();
@@ -134,11 +142,19 @@ async fn a_crashed_lock_holder_is_taken_over_after_its_lease() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_token_is_deleted_only_while_it_is_the_stored_one() {
-    let redis = RedisServer::start();
+    refused_token_is_compared_and_deleted(&RedisServer::start()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_cluster_a_refused_token_is_deleted_only_while_it_is_the_stored_one() {
+    refused_token_is_compared_and_deleted(&RedisCluster::start()).await;
+}
+
+async fn refused_token_is_compared_and_deleted(redis: &(impl Backend + Sync)) {
     let endpoint = Endpoint::new(Duration::ZERO);
     let key = key();
-    let a = shared(&redis, &key, &endpoint).build().unwrap();
-    let b = shared(&redis, &key, &endpoint).build().unwrap();
+    let a = shared(redis, &key, &endpoint).build().unwrap();
+    let b = shared(redis, &key, &endpoint).build().unwrap();
 
     let first = a.fetch(None).await.unwrap();
     assert_eq!(b.fetch(None).await.unwrap().secret(), first.secret());
@@ -172,25 +188,34 @@ async fn a_refused_token_is_deleted_only_while_it_is_the_stored_one() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_keep_succeeding_when_redis_stops_and_sharing_resumes_when_it_returns() {
-    let mut redis = RedisServer::start();
-    let port = redis.port;
+    sharing_survives_a_stop_of_the_keys_server(&mut RedisServer::start()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_cluster_requests_keep_succeeding_when_the_keys_master_stops_and_sharing_resumes() {
+    sharing_survives_a_stop_of_the_keys_server(&mut RedisCluster::start()).await;
+}
+
+async fn sharing_survives_a_stop_of_the_keys_server(redis: &mut (impl Backend + Sync)) {
     let endpoint = Endpoint::new(Duration::ZERO);
     let key = key();
-    let first = shared(&redis, &key, &endpoint)
-        .op_timeout(Duration::from_millis(250))
+    let first = shared(redis, &key, &endpoint)
+        .op_timeout(Duration::from_millis(300))
         .build()
         .unwrap();
     let process = client(first.clone(), &endpoint);
     assert_all_ok(&process, 100).await;
     assert!(redis.get(&token_key(&key)).await.is_some());
+    assert_eq!(first.metrics().fallbacks, 0);
 
-    // Redis stops mid-run; the server refuses the token: the process gets a new one without
-    // Redis, and every request succeeds.
-    redis.stop();
-    endpoint.revoke_all();
-    assert_all_ok(&process, 100).await;
-    endpoint.revoke_all();
-    assert_all_ok(&process, 100).await;
+    // The server that holds the key (the master of its slot, on a cluster) stops mid-run;
+    // the API refuses the token: the process gets a new one without Redis, and every
+    // request succeeds.
+    redis.stop_owner_of(&token_key(&key));
+    for _ in 0..2 {
+        endpoint.revoke_all();
+        assert_all_ok(&process, 100).await;
+    }
     let metrics = first.metrics();
     assert!(
         metrics.fallbacks >= 2 && metrics.redis_errors >= 2,
@@ -198,9 +223,9 @@ async fn requests_keep_succeeding_when_redis_stops_and_sharing_resumes_when_it_r
     );
     assert_eq!(endpoint.fetches(), 3);
 
-    // Redis returns (empty). The next fetches go through it again: the process stores its
+    // It returns (empty). The next fetches go through Redis again: the process stores its
     // token there, and a new process reads it instead of fetching.
-    let redis = RedisServer::start_on(port);
+    redis.restart_owner();
     let mut stored = None;
     for _ in 0..50 {
         endpoint.revoke_all();
@@ -216,7 +241,7 @@ async fn requests_keep_succeeding_when_redis_stops_and_sharing_resumes_when_it_r
         "the token was never stored after Redis returned"
     );
     let fetches = endpoint.fetches();
-    let newcomer = shared(&redis, &key, &endpoint).build().unwrap();
+    let newcomer = shared(redis, &key, &endpoint).build().unwrap();
     assert_all_ok(&client(newcomer.clone(), &endpoint), 10).await;
     assert_eq!(
         endpoint.fetches(),
@@ -618,7 +643,7 @@ fn key() -> SharedKey {
 }
 
 fn shared(
-    redis: &RedisServer,
+    redis: &impl Backend,
     key: &SharedKey,
     endpoint: &Arc<Endpoint>,
 ) -> blaze_auth::RedisSharedBuilder<impl TokenSource + 'static> {
@@ -628,12 +653,12 @@ fn shared(
 /// Test settings: a short lease, so a takeover is quick; a generous op timeout, so a busy
 /// machine does not look like a Redis outage.
 fn shared_with<S: TokenSource>(
-    redis: &RedisServer,
+    redis: &impl Backend,
     key: &SharedKey,
     source: S,
 ) -> blaze_auth::RedisSharedBuilder<S> {
-    RedisShared::builder(source, key.clone())
-        .redis_url(&redis.url())
+    redis
+        .configure(RedisShared::builder(source, key.clone()))
         .key_prefix("test:")
         .lease(Duration::from_millis(300))
         .poll_interval(Duration::from_millis(10))

@@ -1,16 +1,20 @@
 //! [`RedisSharedBuilder`]: the options of a [`RedisShared`] and their defaults.
 
-use super::{Counters, EncryptionKey, RedisShared, Shared, SharedKey, encryption::KeyRing};
+use super::{
+    Counters, EncryptionKey, RedisShared, Shared, SharedKey,
+    connection::{Connection, Redis},
+    encryption::KeyRing,
+};
 use crate::{error::Error, token::TokenSource};
-use redis::{
-    Client,
-    aio::{ConnectionManager, ConnectionManagerConfig},
-};
-use std::{
-    fmt,
-    sync::{Arc, OnceLock},
-    time::Duration,
-};
+use redis::{aio::ConnectionManager, cluster_async::ClusterConnection};
+use std::{fmt, sync::Arc, time::Duration};
+
+/// Where Redis is: the last of the builder's methods that say it wins.
+enum Target {
+    Url(String),
+    Cluster(Vec<String>),
+    Connection(Connection),
+}
 
 /// The Redis server when none is set: see [`RedisSharedBuilder::redis_url`].
 const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379/";
@@ -36,8 +40,7 @@ impl<S: TokenSource> RedisShared<S> {
         RedisSharedBuilder {
             source,
             key,
-            redis_url: None,
-            connection: None,
+            target: Target::Url(DEFAULT_REDIS_URL.into()),
             key_prefix: DEFAULT_KEY_PREFIX.into(),
             lease: DEFAULT_LEASE,
             follower_wait: DEFAULT_FOLLOWER_WAIT,
@@ -56,8 +59,7 @@ impl<S: TokenSource> RedisShared<S> {
 pub struct RedisSharedBuilder<S> {
     source: S,
     key: SharedKey,
-    redis_url: Option<String>,
-    connection: Option<ConnectionManager>,
+    target: Target,
     key_prefix: String,
     lease: Duration,
     follower_wait: Duration,
@@ -72,10 +74,22 @@ pub struct RedisSharedBuilder<S> {
 
 impl<S> RedisSharedBuilder<S> {
     /// Sets the Redis server, as a `redis://` or `rediss://` (TLS) URL; credentials go in its
-    /// user info. Default: `redis://127.0.0.1:6379/`. The connection is made at the first fetch,
-    /// so a Redis that is down at start-up delays nothing.
+    /// user info. Default: `redis://127.0.0.1:6379/`. The connection is made at the first
+    /// fetch, so a Redis that is down at start-up delays nothing.
     pub fn redis_url(mut self, url: &str) -> Self {
-        self.redis_url = Some(url.into());
+        self.target = Target::Url(url.into());
+        self
+    }
+
+    /// Uses a Redis Cluster (self-hosted, or managed in cluster mode: ElastiCache, Azure
+    /// Cache, Valkey) instead of one server, reached first through any of `urls` (`redis://`
+    /// or `rediss://`, each a node of the cluster; the others are discovered). The keys of
+    /// one [`SharedKey`] carry its digest as a hash tag, so they live in one slot and every
+    /// script runs on one node. When the master that holds that slot is down, Redis
+    /// operations fail and the processes fetch without Redis (see the module docs) until a
+    /// replica takes over or the master returns. Default: none, one server.
+    pub fn cluster_urls(mut self, urls: &[&str]) -> Self {
+        self.target = Target::Cluster(urls.iter().map(|url| (*url).into()).collect());
         self
     }
 
@@ -83,7 +97,15 @@ impl<S> RedisSharedBuilder<S> {
     /// [`redis_url`](Self::redis_url). Its own timeouts and retries apply, under
     /// [`op_timeout`](Self::op_timeout). Default: none.
     pub fn connection(mut self, connection: ConnectionManager) -> Self {
-        self.connection = Some(connection);
+        self.target = Target::Connection(Connection::Single(connection));
+        self
+    }
+
+    /// Uses a Redis Cluster connection the application already has, instead of
+    /// [`cluster_urls`](Self::cluster_urls). Its own timeouts and retries apply, under
+    /// [`op_timeout`](Self::op_timeout). Default: none.
+    pub fn cluster_connection(mut self, connection: ClusterConnection) -> Self {
+        self.target = Target::Connection(Connection::Cluster(connection));
         self
     }
 
@@ -184,8 +206,8 @@ impl<S> RedisSharedBuilder<S> {
     ///
     /// # Errors
     ///
-    /// If the Redis URL is not valid ([`Error::is_invalid_url`]); the error does not repeat
-    /// it, since it may hold a password. If encryption is
+    /// If the Redis URL, or a cluster URL, is not valid ([`Error::is_invalid_url`]); the
+    /// error does not repeat it, since it may hold a password. If encryption is
     /// [required](Self::require_encryption), or previous keys are given, and no
     /// [`encryption_key`](Self::encryption_key) is ([`Error::is_invalid_key`]).
     pub fn build(self) -> Result<RedisShared<S>, Error> {
@@ -193,31 +215,18 @@ impl<S> RedisSharedBuilder<S> {
         if needs_key && self.encryption_key.is_none() {
             return Err(Error::invalid_key());
         }
-        let (client, connection) = match self.connection {
-            Some(connection) => (None, OnceLock::from(Ok(connection))),
-            None => {
-                let url = self.redis_url.as_deref().unwrap_or(DEFAULT_REDIS_URL);
-                let client = Client::open(url)
-                    .map_err(|_| Error::invalid_url(Some("not a valid Redis URL".into())))?;
-                (Some(client), OnceLock::new())
-            }
+        let invalid_url = |_| Error::invalid_url(Some("not a valid Redis URL".into()));
+        let redis = match self.target {
+            Target::Url(url) => Redis::single(&url, self.op_timeout).map_err(invalid_url)?,
+            Target::Cluster(urls) => Redis::cluster(&urls, self.op_timeout).map_err(invalid_url)?,
+            Target::Connection(connection) => Redis::given(connection),
         };
-        // Fail fast: a Redis that does not answer is a Redis that is down, and the process
-        // goes on without it; the next fetch tries again.
-        let connection_config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(self.op_timeout))
-            .set_response_timeout(Some(self.op_timeout))
-            .set_number_of_retries(1)
-            .set_min_delay(Duration::from_millis(10))
-            .set_max_delay(self.op_timeout);
         let digest = self.key.digest();
         let prefix = self.key_prefix;
         Ok(RedisShared {
             inner: Arc::new(Shared {
                 source: self.source,
-                connection,
-                client,
-                connection_config,
+                redis,
                 // The digest is a hash tag: on a Redis Cluster both keys live on one node.
                 token_key: format!("{prefix}{{{digest}}}:token"),
                 lock_key: format!("{prefix}{{{digest}}}:lock"),

@@ -4,6 +4,7 @@
 use super::{
     Shared,
     codec::{Codec, fingerprint, millis, now_ms, shareable_until},
+    connection::Connection,
     scripts::{FAIL, INVALIDATE, RELEASE, RENEW, STORE},
 };
 use crate::{
@@ -11,7 +12,7 @@ use crate::{
     token::{AccessToken, TokenSource},
 };
 use futures_util::future::{Either, select};
-use redis::{RedisError, aio::ConnectionManager};
+use redis::RedisError;
 use std::{
     fmt,
     future::Future,
@@ -149,7 +150,7 @@ impl<S: TokenSource> Shared<S> {
     /// Fetches the token as the lock holder, stores it and releases the lock.
     async fn lead(
         &self,
-        con: &mut ConnectionManager,
+        con: &mut Connection,
         holder: &str,
         rejected: Option<&AccessToken>,
         rejected_fp: Option<String>,
@@ -185,7 +186,7 @@ impl<S: TokenSource> Shared<S> {
     /// Fetches from the wrapped source, renewing the lease until the fetch ends.
     async fn fetch_renewing(
         &self,
-        con: &ConnectionManager,
+        con: &Connection,
         holder: &str,
         rejected: Option<&AccessToken>,
     ) -> Result<AccessToken, BoxError> {
@@ -212,7 +213,7 @@ impl<S: TokenSource> Shared<S> {
     /// else the fleet's cool-down, if one runs.
     async fn read(
         &self,
-        con: &mut ConnectionManager,
+        con: &mut Connection,
         rejected_fp: Option<&str>,
     ) -> Result<Found, Failure> {
         let (value, failures, failure_ttl): (Option<String>, Option<u64>, i64) = self
@@ -254,7 +255,7 @@ impl<S: TokenSource> Shared<S> {
 
     /// Records a failed fetch for the fleet: its cool-down doubles with each failure in a
     /// row, as the layer's does.
-    async fn record_failure(&self, con: &mut ConnectionManager) -> Result<(), Failure> {
+    async fn record_failure(&self, con: &mut Connection) -> Result<(), Failure> {
         let first = self.failure_cooldown;
         let mut invocation = FAIL.key(&self.failure_key);
         invocation
@@ -268,7 +269,7 @@ impl<S: TokenSource> Shared<S> {
 
     /// Stores `token` for the fleet, if it is one the fleet accepts (see
     /// [`shareable_until`]) and the stored one is not sealed while this process is not.
-    async fn store(&self, con: &mut ConnectionManager, token: &AccessToken) -> Result<(), Failure> {
+    async fn store(&self, con: &mut Connection, token: &AccessToken) -> Result<(), Failure> {
         let now = now_ms();
         let Some(expires_at_ms) = shareable_until(token, now) else {
             tracing::debug!("not a Bearer token that expires within a day: not shared");
@@ -301,33 +302,18 @@ impl<S: TokenSource> Shared<S> {
         }
     }
 
-    async fn release(&self, con: &mut ConnectionManager, holder: &str) {
+    async fn release(&self, con: &mut Connection, holder: &str) {
         let mut invocation = RELEASE.key(&self.lock_key);
         invocation.arg(holder);
         // A lock that cannot be released ends with its lease.
         let _: Result<i64, _> = self.op(invocation.invoke_async(con)).await;
     }
 
-    fn connection(&self) -> Result<ConnectionManager, Failure> {
-        let connection = self.connection.get_or_init(|| {
-            let client = self.client.clone().ok_or_else(|| {
-                Arc::new(RedisError::from((
-                    redis::ErrorKind::Client,
-                    "no Redis client",
-                )))
-            })?;
-            ConnectionManager::new_lazy_with_config(client, self.connection_config.clone())
-                .map_err(Arc::new)
-        });
-        match connection {
-            Ok(connection) => Ok(connection.clone()),
-            Err(error) => {
-                self.counters.redis_errors.fetch_add(1, Ordering::Relaxed);
-                Err(Failure::Redis(Box::new(SharedRedisError(Arc::clone(
-                    error,
-                )))))
-            }
-        }
+    fn connection(&self) -> Result<Connection, Failure> {
+        self.redis.connection().map_err(|error| {
+            self.counters.redis_errors.fetch_add(1, Ordering::Relaxed);
+            Failure::Redis(Box::new(SharedRedisError(error)))
+        })
     }
 
     /// Runs one Redis operation under the op timeout, counting failures.
