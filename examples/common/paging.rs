@@ -103,7 +103,7 @@ pub(crate) async fn search(
     first_page: &str,
     mut on_page: impl FnMut(&Page<'_>) -> Result<(), BoxError>,
 ) -> Result<Summary, BoxError> {
-    let home = Origin::of(first_page).ok_or(SearchError::BadLink)?;
+    let home = Origin::of(first_page).ok_or("the search URL is not an absolute http(s) URL")?;
     let mut summary = Summary::default();
     let mut first_total = None;
     let mut seen = HashSet::new();

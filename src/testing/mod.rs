@@ -635,6 +635,29 @@ mod tests {
     }
 
     #[test]
+    fn page_failures_serve_each_page_its_own_in_order() {
+        let failures = PageFailures::default();
+        failures.push(
+            3,
+            2,
+            ApiFailure::Status(http::StatusCode::SERVICE_UNAVAILABLE),
+        );
+        failures.push(2, 0, ApiFailure::Reset);
+        failures.push(3, 1, ApiFailure::Unauthorized);
+
+        assert_eq!(failures.next(2), None);
+        assert_eq!(failures.next(1), None);
+        for _ in 0..2 {
+            assert_eq!(
+                failures.next(3),
+                Some(ApiFailure::Status(http::StatusCode::SERVICE_UNAVAILABLE))
+            );
+        }
+        assert_eq!(failures.next(3), Some(ApiFailure::Unauthorized));
+        assert_eq!(failures.next(3), None);
+    }
+
+    #[test]
     fn random_unauthorized_repeats_after_reset_and_respects_the_bounds() {
         let draws = |per_mille| {
             let mut random = RandomUnauthorized::new(per_mille);
