@@ -70,18 +70,19 @@ async fn run() -> Result<(), BoxError> {
         let before = stand_in.tokens_issued();
         let mut fleet = Vec::new();
         for _ in 0..processes {
-            // A fresh key space per run of the example.
             let redis = if shared {
-                format!("{redis_url} blaze-auth-fleet-{}:", std::process::id())
+                // A fresh key space per run of the example.
+                let prefix = format!("blaze-auth-fleet-{}:", std::process::id());
+                vec![redis_url.clone(), prefix]
             } else {
-                String::new()
+                Vec::new()
             };
             let child = Command::new(std::env::current_exe()?)
                 .arg("--process")
                 .arg(stand_in.base_url())
                 .arg(stand_in.api_url())
                 .arg(seconds.to_string())
-                .args(redis.split_whitespace())
+                .args(redis)
                 .stdout(Stdio::piped())
                 .spawn()?;
             fleet.push(child);

@@ -1,9 +1,11 @@
-//! `RedisShared` against real `redis-server` processes: each test starts its own on a free
-//! port, so it can stop, pause or restart it. "Processes" are separate layers, each with its
-//! own in-memory cache, its own `RedisShared` and its own Redis connection, in separate tasks.
+//! `RedisShared` against real `redis-server` processes: each test starts its own server, or
+//! its own 3-master Redis Cluster, on free ports, so it can stop, pause or restart them.
+//! "Processes" here are separate layers, each with its own in-memory cache, its own
+//! `RedisShared` and its own Redis connection, in separate tasks; `tests/fleet.rs` runs real
+//! OS processes.
 //!
-//! These tests need `redis-server` on the `PATH` (Debian: `apt-get install redis-server`);
-//! without it they fail, they do not skip.
+//! These tests need `redis-server` and `redis-cli` on the `PATH` (Debian: `apt-get install
+//! redis-server redis-tools`, as `.ci/setup` does); without them they fail, they do not skip.
 #![cfg(feature = "redis")]
 
 #[path = "support/redis_server.rs"]
@@ -460,8 +462,8 @@ async fn a_new_encryption_key_rolls_out_without_a_fetch() {
 async fn a_process_with_another_client_secret_does_not_ride_on_the_fleets_token() {
     let redis = RedisServer::start();
     let endpoint = Endpoint::new(Duration::ZERO);
-    let right = key().secret("right-secret");
-    let wrong = key().secret("wrong-secret");
+    let right = key().client_secret("right-secret");
+    let wrong = key().client_secret("wrong-secret");
     let fleet = shared(&redis, &right, &endpoint).build().unwrap();
     let misconfigured = shared(&redis, &wrong, &endpoint).build().unwrap();
     assert_eq!(fleet.fetch(None).await.unwrap().secret(), "token-1");

@@ -245,7 +245,7 @@ impl ClientCredentials {
         let inner = &self.inner;
         let mut key =
             crate::token::redis::SharedKey::new(&inner.token_url.to_string(), &inner.client_id)
-                .secret(inner.secret.secret());
+                .client_secret(inner.secret.secret());
         if let Some(scope) = &inner.scope {
             key = key.scope(scope);
         }

@@ -19,11 +19,11 @@ use std::fmt;
 /// use blaze_auth::token::redis::SharedKey;
 ///
 /// let key = SharedKey::new("https://login.example.com/oauth/token", "my-client-id")
-///     .secret("my-client-secret")
+///     .client_secret("my-client-secret")
 ///     .scope("full")
 ///     .param("audience", "https://api.example.com");
 /// assert_ne!(key.digest(), key.clone().scope("read").digest());
-/// assert_ne!(key.digest(), key.clone().secret("rotated-secret").digest());
+/// assert_ne!(key.digest(), key.clone().client_secret("rotated-secret").digest());
 /// assert_eq!(key.digest().len(), 64);
 /// ```
 ///
@@ -55,7 +55,7 @@ impl SharedKey {
 
     /// Mixes the client secret into the key, as a keyed hash: processes with different
     /// secrets never share a token. Default: none (for sources without a secret).
-    pub fn secret(mut self, secret: &str) -> Self {
+    pub fn client_secret(mut self, secret: &str) -> Self {
         // HMAC takes keys of any length.
         let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(secret.as_bytes())
             .unwrap_or_else(|_| unreachable!("HMAC accepts keys of any length"));
@@ -128,13 +128,13 @@ mod tests {
     #[test]
     fn the_secret_changes_the_digest_and_never_shows() {
         let key = SharedKey::new("https://h/token", "id");
-        let with = key.clone().secret("hunter2");
+        let with = key.clone().client_secret("hunter2");
         assert_ne!(with.digest(), key.digest());
-        assert_ne!(with.digest(), key.secret("hunter3").digest());
+        assert_ne!(with.digest(), key.client_secret("hunter3").digest());
         assert_eq!(
             with.digest(),
             SharedKey::new("https://h/token", "id")
-                .secret("hunter2")
+                .client_secret("hunter2")
                 .digest()
         );
         let shown = format!("{with:?}");
@@ -184,7 +184,7 @@ mod tests {
                 .scope("full")
                 .param("a", "1")
                 .param("b", "2")
-                .secret("s"),
+                .client_secret("s"),
             // Field boundaries matter: "ab" + "c" is not "a" + "bc".
             SharedKey::new("https://h/token", "id")
                 .scope("full")

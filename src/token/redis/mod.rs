@@ -246,6 +246,7 @@ impl<S: fmt::Debug> fmt::Debug for RedisShared<S> {
             .field("follower_wait", &inner.follower_wait)
             .field("op_timeout", &inner.op_timeout)
             .field("refresh_margin", &inner.refresh_margin)
+            .field("failure_cooldown", &inner.failure_cooldown)
             .finish_non_exhaustive()
     }
 }
