@@ -27,6 +27,9 @@ use std::fmt;
 /// assert_eq!(key.digest().len(), 64);
 /// ```
 ///
+/// While a client secret is rotated, the processes on the old and on the new secret keep one
+/// shared token per group, until every process runs the new one.
+///
 /// Whoever can list the Redis keys can test guesses of the secret against the digest, as
 /// against any hash of it: a random secret (as token endpoints issue) is safe, a guessable
 /// one is guessable anyway.
