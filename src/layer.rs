@@ -352,10 +352,11 @@ impl<R> Builder<R> {
     /// Zero: requests without a valid token fail at once with the last fetch's error until
     /// the cool-down ends.
     ///
-    /// Default: 5 s. A bad answer of the token endpoint once then costs the requests of a
-    /// cool-down (1 s by default) a short wait, not an error; three failures in a row
-    /// (1 + 2 + 4 s of cool-down) are still ridden out by the requests of the last cool-down,
-    /// and a longer outage fails requests fast instead of holding them.
+    /// Default: 5 s. A bad answer of the token endpoint then costs the requests of one
+    /// cool-down (1 s by default) a short wait, not an error. A request that meets a failure
+    /// rides out the attempts 1 and 3 s later; in a longer outage only the requests that
+    /// arrive in the last 5 s of a cool-down wait for the attempt at its end, and the rest
+    /// fail fast instead of being held.
     pub fn max_token_wait(mut self, wait: Duration) -> Self {
         self.cache.max_token_wait = wait;
         self

@@ -148,6 +148,25 @@ async fn each_token_endpoint_fault_is_retried_or_typed_without_waiting() {
 }
 
 #[tokio::test]
+async fn a_refused_client_fails_at_once_without_waiting() {
+    let stand_in = StandIn::start().await.unwrap();
+    let source = ClientCredentials::blaze(&stand_in.base_url(), DEMO_CLIENT_ID, "wrong-secret")
+        .build()
+        .unwrap();
+    // The cool-down (1 s) ends within the bound (5 s): only the error keeps it from waiting.
+    let layer = BlazeAuthLayer::builder(source)
+        .study(DEMO_STUDY)
+        .build()
+        .unwrap();
+    let client = layer.layer(Client::builder(TokioExecutor::new()).build_http());
+    let url = format!("{}/Patient/p-0001", stand_in.api_url());
+    let error = get(&client, &url).await.unwrap_err();
+    assert_eq!(token_error(&error).oauth_error(), Some("invalid_client"));
+    let metrics = layer.metrics();
+    assert_eq!((metrics.token_fetches, metrics.token_waits), (1, 0));
+}
+
+#[tokio::test]
 async fn reset_connections_are_inner_errors_and_the_rest_succeed() {
     let stand_in = StandIn::start().await.unwrap();
     let (layer, client) = stack(&stand_in);

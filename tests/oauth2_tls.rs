@@ -2,7 +2,7 @@
 //! certificate from a test CA.
 #![cfg(all(feature = "oauth2", feature = "rustls"))]
 
-use blaze_auth::{ClientCredentials, token::oauth2::TlsRoots};
+use blaze_auth::{BlazeAuthLayer, ClientCredentials, TokenError, token::oauth2::TlsRoots};
 use http::{Request, Response};
 use http_body_util::Full;
 use hyper::{body::Incoming, server::conn::http1, service::service_fn};
@@ -10,6 +10,7 @@ use hyper_util::rt::TokioIo;
 use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use std::{
+    error::Error as _,
     net::SocketAddr,
     sync::{
         Arc,
@@ -18,6 +19,7 @@ use std::{
 };
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
+use tower::{Layer, ServiceExt};
 
 struct TlsServer {
     addr: SocketAddr,
@@ -102,11 +104,7 @@ async fn fetches_over_https_trusting_an_added_root() {
 #[tokio::test]
 async fn an_untrusted_certificate_fails_without_sending_the_secret_or_retrying() {
     let server = tls_server().await;
-    let url = format!("https://localhost:{}/token", server.addr.port());
-    let source = ClientCredentials::builder(&url, "id", "secret")
-        .tls_roots(TlsRoots::Webpki)
-        .build()
-        .unwrap();
+    let source = trusting_webpki_only(&server);
     let error = source.fetch_token().await.unwrap_err();
     assert!(error.is_transport(), "{error:?}");
     assert!(
@@ -117,6 +115,28 @@ async fn an_untrusted_certificate_fails_without_sending_the_secret_or_retrying()
     assert_eq!(server.requests.load(Ordering::SeqCst), 0);
 }
 
+#[tokio::test]
+async fn an_untrusted_certificate_fails_requests_at_once() {
+    let server = tls_server().await;
+    let source = trusting_webpki_only(&server);
+    // The first cool-down (1 s) ends well within the bound (5 s): only the error's kind
+    // keeps the request from waiting for the next attempt.
+    let layer = BlazeAuthLayer::builder(source).study("S").build().unwrap();
+    let client = layer.layer(tower::service_fn(|_: Request<String>| async {
+        Ok::<_, std::convert::Infallible>(Response::new(()))
+    }));
+    let request = Request::get("/Patient").body(String::new()).unwrap();
+    let error = client.oneshot(request).await.unwrap_err();
+    let cause = error
+        .source()
+        .unwrap()
+        .downcast_ref::<TokenError>()
+        .unwrap();
+    assert!(cause.is_transport(), "{cause:?}");
+    let metrics = layer.metrics();
+    assert_eq!((metrics.token_fetches, metrics.token_waits), (1, 0));
+}
+
 #[test]
 fn no_roots_at_all_is_a_build_error() {
     let error = ClientCredentials::builder("https://localhost/token", "id", "secret")
@@ -124,4 +144,13 @@ fn no_roots_at_all_is_a_build_error() {
         .build()
         .unwrap_err();
     assert!(error.is_tls(), "{error:?}");
+}
+
+/// A source for `server` that trusts only the webpki roots, not the server's CA.
+fn trusting_webpki_only(server: &TlsServer) -> ClientCredentials {
+    let url = format!("https://localhost:{}/token", server.addr.port());
+    ClientCredentials::builder(&url, "id", "secret")
+        .tls_roots(TlsRoots::Webpki)
+        .build()
+        .unwrap()
 }
