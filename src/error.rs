@@ -85,7 +85,6 @@ impl Error {
         Self::new(Kind::InvalidUrl, source.map(Source::Owned))
     }
 
-    #[cfg(feature = "oauth2")]
     pub(crate) fn insecure_url() -> Self {
         Self::new(Kind::InsecureUrl, None)
     }

@@ -112,6 +112,7 @@ mod macros;
 mod metrics;
 mod rejection;
 pub mod replay;
+mod scope;
 mod service;
 mod study;
 #[cfg(feature = "testing")]

@@ -97,21 +97,26 @@ impl ResearchStudy {
     }
 
     /// Whether `query` names this study already; an error if it names another.
+    ///
+    /// The name counts in any ASCII case (`ResearchStudy=`, as gateways that read names
+    /// without case see it), percent-encoded or not, and `;` separates pairs as `&` does
+    /// (as some gateways split them): a name that any of those readings sees is ours, so no
+    /// server can see two studies. The value must be the study id exactly.
     fn named_in(&self, query: &str) -> Result<bool, Error> {
-        // A name decodes to ours only if it is ours as it stands or has a percent escape
-        // (`+` decodes to a space). Most queries have neither, and cost two quick scans; in
-        // the others, only such names, and their values, are decoded.
-        if !query.contains('%') && !query.contains(PARAM) {
+        // A name decodes to ours only if it is ours as it stands (in some case) or has a
+        // percent escape (`+` decodes to a space). Most queries have neither, and cost two
+        // quick scans; in the others, only such names, and their values, are decoded.
+        if !query.contains('%') && !contains_ignore_case(query, PARAM) {
             return Ok(false);
         }
         let mut present = false;
-        for pair in query.as_bytes().split(|&b| b == b'&') {
+        for pair in query.as_bytes().split(|&b| b == b'&' || b == b';') {
             let raw_name = pair.split(|&b| b == b'=').next().unwrap_or_default();
-            if raw_name != PARAM.as_bytes() && !raw_name.contains(&b'%') {
+            if !raw_name.eq_ignore_ascii_case(PARAM.as_bytes()) && !raw_name.contains(&b'%') {
                 continue;
             }
             for (name, value) in form_urlencoded::parse(pair) {
-                if name == PARAM {
+                if name.eq_ignore_ascii_case(PARAM) {
                     if *value != *self.inner.id {
                         return Err(Error::study_conflict());
                     }
@@ -121,6 +126,14 @@ impl ResearchStudy {
         }
         Ok(present)
     }
+}
+
+/// Whether `haystack` contains `needle` (ASCII) in any ASCII case.
+fn contains_ignore_case(haystack: &str, needle: &str) -> bool {
+    haystack
+        .as_bytes()
+        .windows(needle.len())
+        .any(|window| window.eq_ignore_ascii_case(needle.as_bytes()))
 }
 
 impl fmt::Debug for ResearchStudy {
@@ -200,6 +213,13 @@ mod tests {
         // Encoded forms of the same id count as the same study.
         let encoded = "/Patient?research%73tudy=A%20B&researchstudy=A+B";
         assert_eq!(add("A B", encoded).unwrap(), encoded);
+        // So do names in another case, and pairs after a `;`.
+        for same in [
+            "/Patient?ResearchStudy=FHIR-T",
+            "/Patient?page=2;RESEARCHSTUDY=FHIR-T",
+        ] {
+            assert_eq!(add("FHIR-T", same).unwrap(), same);
+        }
     }
 
     #[test]
@@ -211,6 +231,18 @@ mod tests {
             "/Patient?researchstudy=FHIR-T&researchstudy=OTHER",
         );
         assert!(mixed.unwrap_err().is_study_conflict());
+        // Gateways that read names without case, or split on `;`, would see two studies.
+        for other in [
+            "/Patient?ResearchStudy=OTHER",
+            "/Patient?RESEARCHSTUDY=OTHER&page=2",
+            "/Patient?page=2;researchstudy=OTHER",
+            "/Patient?researchStudy=FHIR-T&researchstudy=OTHER",
+        ] {
+            assert!(
+                add("FHIR-T", other).unwrap_err().is_study_conflict(),
+                "{other}"
+            );
+        }
         // A parameter whose name merely contains ours is another parameter.
         assert_eq!(
             add("S", "/Patient?xresearchstudy=OTHER").unwrap(),
@@ -225,8 +257,11 @@ mod tests {
         let study = ResearchStudy::new("A B").unwrap();
         let full = |query: &str| -> Result<bool, ()> {
             let mut present = false;
-            for (name, value) in form_urlencoded::parse(query.as_bytes()) {
-                if name == PARAM {
+            let pairs = query
+                .split(';')
+                .flat_map(|part| form_urlencoded::parse(part.as_bytes()));
+            for (name, value) in pairs {
+                if name.to_ascii_lowercase() == PARAM {
                     if value != "A B" {
                         return Err(());
                     }
@@ -253,6 +288,11 @@ mod tests {
             "researchstudy=A+B=C",
             "=researchstudy&researchstudy%=A+B",
             "x%=1&researchstudy%3D=A+B",
+            "ResearchStudy=OTHER",
+            "RESEARCHSTUDY=A+B",
+            "a=1;researchstudy=OTHER",
+            "a=1;ReSearch%53tudy=A+B&b=2",
+            "researchstudy=A+B;researchstudy=OTHER",
         ] {
             assert_eq!(
                 study.named_in(query).map_err(drop),

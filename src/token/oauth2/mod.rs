@@ -70,7 +70,7 @@ use http::{
 };
 use http_body::Body;
 use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
-use std::{fmt, net::IpAddr, sync::Arc, time::Duration};
+use std::{fmt, sync::Arc, time::Duration};
 use tokio::time::Instant;
 use tower::{Service, ServiceExt, util::BoxCloneSyncService};
 use tracing::Instrument;
@@ -595,16 +595,10 @@ pub(crate) fn checked_url(url: &str, allow_http: bool) -> Result<Uri, Error> {
     }
     match uri.scheme_str() {
         Some("https") => Ok(uri),
-        Some("http") if allow_http || is_loopback(authority.host()) => Ok(uri),
+        Some("http") if allow_http || crate::scope::is_loopback(authority.host()) => Ok(uri),
         Some("http") => Err(Error::insecure_url()),
         _ => Err(Error::invalid_url(None)),
     }
-}
-
-fn is_loopback(host: &str) -> bool {
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    host.eq_ignore_ascii_case("localhost")
-        || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 /// `Basic base64(urlencode(id) ":" urlencode(secret))`, as RFC 6749 section 2.3.1 says.
