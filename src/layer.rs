@@ -240,6 +240,29 @@ impl<R> Builder<R> {
     ///
     /// A plain `http` origin on a host that is not loopback needs
     /// [`allow_http`](Self::allow_http); [`build`](Self::build) fails without it.
+    ///
+    /// ```
+    /// use blaze_auth::{AccessToken, BlazeAuthLayer, StaticToken};
+    /// use http::{Request, Response};
+    /// use tower::{Layer, ServiceExt, service_fn};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), blaze_auth::BoxError> {
+    /// let layer = BlazeAuthLayer::builder(StaticToken::new(AccessToken::bearer("t")?))
+    ///     .study("FHIR-T")
+    ///     .origin("https://blaze.example")
+    ///     .build()?;
+    /// // Answers whether the request it got carries a token.
+    /// let client = layer.layer(service_fn(|request: Request<()>| async move {
+    ///     let authorized = request.headers().contains_key("authorization");
+    ///     Ok::<_, std::convert::Infallible>(Response::new(authorized))
+    /// }));
+    /// let sent = |uri| client.clone().oneshot(Request::get(uri).body(()).unwrap());
+    /// assert!(*sent("https://blaze.example/Patient").await?.body());
+    /// assert!(!*sent("https://elsewhere.example/Patient").await?.body());
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn origin(mut self, url: &str) -> Self {
         self.origins.push(url.to_owned());
         self

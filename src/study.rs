@@ -129,7 +129,7 @@ impl ResearchStudy {
 }
 
 /// Whether `haystack` contains `needle` (ASCII) in any ASCII case.
-fn contains_ignore_case(haystack: &str, needle: &str) -> bool {
+pub(crate) fn contains_ignore_case(haystack: &str, needle: &str) -> bool {
     haystack
         .as_bytes()
         .windows(needle.len())

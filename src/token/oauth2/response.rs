@@ -3,7 +3,7 @@
 //! Nothing here panics on any input, reads more than [`MAX_BODY`], or copies a token, the
 //! client secret, or JSON parser messages (which quote input) into an error.
 
-use crate::{error::BoxError, token::AccessToken};
+use crate::{error::BoxError, study::contains_ignore_case, token::AccessToken};
 use http::{
     HeaderMap, StatusCode,
     header::{CONTENT_TYPE, RETRY_AFTER},
@@ -395,13 +395,6 @@ fn percent_decoded(text: &str, plus: bool) -> String {
         i += 1;
     }
     String::from_utf8_lossy(&decoded).into_owned()
-}
-
-fn contains_ignore_case(haystack: &str, needle: &str) -> bool {
-    haystack
-        .as_bytes()
-        .windows(needle.len())
-        .any(|window| window.eq_ignore_ascii_case(needle.as_bytes()))
 }
 
 /// Turns a token endpoint's response into a token, or into the error it means.
