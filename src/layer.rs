@@ -35,7 +35,9 @@ pub const DEFAULT_STORM_WINDOW: Duration = Duration::from_secs(30);
 /// It wraps a service in [`BlazeAuth`], which adds `Authorization: Bearer <token>`, the
 /// `researchstudy` query parameter and any fixed headers to each request, and on a 401 fetches
 /// a new token and sends the request once more. All services made from one layer, and all
-/// their clones, share one token cache. See the [crate docs](crate) for examples.
+/// their clones, share one token cache. Only requests in its credential scope get any of
+/// that: by default Blaze's gateways and loopback hosts (see [`Builder::origin`]). See the
+/// [crate docs](crate) for examples.
 pub struct BlazeAuthLayer<R = CloneBody> {
     config: Arc<Config>,
     replay: R,

@@ -9,8 +9,11 @@ const PARAM: &str = "researchstudy";
 
 /// An MSK research study (protocol) number, e.g. `FHIR-T`: Blaze grants data access per study.
 ///
-/// The layer adds `researchstudy=<id>` to every request. To send one request for another study
-/// than the layer's, put a `ResearchStudy` in the request's extensions:
+/// The layer adds `researchstudy=<id>` to every request. A request whose query names a study
+/// already keeps it if it is this one, and fails with [`Error::is_study_conflict`] if it is
+/// another; the name counts in any letter case and after a `;` as well as an `&`, since some
+/// gateways read names without case or split pairs on `;`. To send one request for another
+/// study than the layer's, put a `ResearchStudy` in the request's extensions:
 ///
 /// ```
 /// use blaze_auth::ResearchStudy;
@@ -63,7 +66,7 @@ impl ResearchStudy {
     ///
     /// The existing query is kept byte for byte and `researchstudy=<id>` appended. A URI that
     /// names this study already (a Blaze paging link does) is returned as it is; one that
-    /// names another study is an error.
+    /// names another study is an error. See [`named_in`](Self::named_in) for what counts.
     pub(crate) fn add_to(&self, uri: Uri) -> Result<Uri, Error> {
         let query = uri.query();
         if let Some(query) = query {
