@@ -223,8 +223,9 @@ impl ClientCredentials {
     }
 
     /// The key under which [`RedisShared`](crate::RedisShared) shares this source's tokens
-    /// among processes: the token URL, client id, scope and extra parameters, not the
-    /// secret.
+    /// among processes: the token URL, client id, scope and extra parameters, and a keyed
+    /// hash of the secret (see [`SharedKey`](crate::SharedKey)), so that a process with a
+    /// wrong or rotated secret fetches its own token instead of using its peers'.
     ///
     /// ```no_run
     /// use blaze_auth::{BlazeAuthLayer, ClientCredentials, RedisShared};
@@ -245,7 +246,8 @@ impl ClientCredentials {
     pub fn shared_key(&self) -> crate::token::redis::SharedKey {
         let inner = &self.inner;
         let mut key =
-            crate::token::redis::SharedKey::new(&inner.token_url.to_string(), &inner.client_id);
+            crate::token::redis::SharedKey::new(&inner.token_url.to_string(), &inner.client_id)
+                .client_secret(inner.secret.secret());
         if let Some(scope) = &inner.scope {
             key = key.scope(scope);
         }
@@ -750,7 +752,7 @@ mod tests {
 
     #[cfg(feature = "redis")]
     #[test]
-    fn shared_key_follows_every_input_but_the_secret() {
+    fn shared_key_follows_every_input_and_the_secret_as_a_keyed_hash() {
         let key = |url: &str, id: &str, secret: &str, scope: &str, audience: &str| {
             ClientCredentials::builder(url, id, secret)
                 .scope(scope)
@@ -760,11 +762,9 @@ mod tests {
                 .shared_key()
         };
         let base = key("https://h/token", "id", "secret", "full", "a");
-        assert_eq!(
-            base,
-            key("https://h/token", "id", "other-secret", "full", "a")
-        );
+        assert_eq!(base, key("https://h/token", "id", "secret", "full", "a"));
         for other in [
+            key("https://h/token", "id", "other-secret", "full", "a"),
             key("https://h/token2", "id", "secret", "full", "a"),
             key("https://h/token", "id2", "secret", "full", "a"),
             key("https://h/token", "id", "secret", "read", "a"),
