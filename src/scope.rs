@@ -159,7 +159,8 @@ mod tests {
     use super::*;
 
     fn decide(scope: &Scope, uri: &str, allow_http: bool) -> Result<Decision, Error> {
-        scope.decide(&uri.parse().unwrap(), allow_http)
+        let uri = uri.parse().unwrap_or_else(|e| panic!("{uri}: {e}"));
+        scope.decide(&uri, allow_http)
     }
 
     #[test]
@@ -171,6 +172,7 @@ mod tests {
             "https://127.8.9.10/Patient",
             "http://[::1]:9000/Patient",
             "http://LocalHost/Patient",
+            "HTTPS://evil.example@APIGATEWAY.apps.prodapi.mskcc.org/x",
             "/Patient",
         ] {
             assert_eq!(
@@ -187,6 +189,14 @@ mod tests {
             "https://localhost.evil.example/x",
             "http://10.0.0.1/x",
             "ftp://127.0.0.1/x",
+            // The host is what follows the user info.
+            "https://apigateway.apps.stageapi.mskcc.org@evil.example/x",
+            // Names that resolve to loopback elsewhere, or might, are not loopback here.
+            "https://127.0.0.1.nip.io/x",
+            "http://localhost./x",
+            "https://apigateway.apps.stageapi.mskcc.org./x",
+            "http://[::ffff:127.0.0.1]/x",
+            "http://2130706433/x",
         ] {
             assert_eq!(
                 decide(&Scope::Default, outside, true).unwrap(),
