@@ -110,6 +110,23 @@ impl Error {
         Self::new(Kind::Env { var, missing }, None)
     }
 
+    /// A timeout: the token fetch took longer than the layer's
+    /// [`fetch_timeout`](crate::Builder::fetch_timeout) ([`FetchError::TimedOut`]), or a
+    /// cause of this error says it timed out (the token endpoint, with the `oauth2` feature:
+    /// [`TokenError::is_timeout`](crate::TokenError::is_timeout); the inner service: tower's
+    /// `Elapsed`, an I/O error of kind `TimedOut`). Check [`is_token`](Self::is_token) or
+    /// [`is_inner`](Self::is_inner) for which.
+    pub fn is_timeout(&self) -> bool {
+        let mut cause = self.source();
+        while let Some(error) = cause {
+            if is_timeout_cause(error) {
+                return true;
+            }
+            cause = error.source();
+        }
+        false
+    }
+
     /// The inner service failed; [`source`](StdError::source) is its error.
     pub fn is_inner(&self) -> bool {
         self.kind == Kind::Inner
@@ -187,6 +204,74 @@ impl Error {
         matches!(self.kind, Kind::Env { .. })
     }
 }
+
+/// Whether `error`, one cause of an [`Error`], says it timed out.
+fn is_timeout_cause(error: &(dyn StdError + 'static)) -> bool {
+    #[cfg(feature = "oauth2")]
+    if let Some(error) = error.downcast_ref::<crate::TokenError>() {
+        return error.is_timeout();
+    }
+    if let Some(error) = error.downcast_ref::<std::io::Error>() {
+        return error.kind() == std::io::ErrorKind::TimedOut;
+    }
+    error.downcast_ref::<FetchError>() == Some(&FetchError::TimedOut)
+        || error.is::<tower::timeout::error::Elapsed>()
+}
+
+/// Why a token fetch failed, where the [`TokenSource`](crate::TokenSource) gave no error of
+/// its own: the [`source`](StdError::source) of an [`Error`] for which
+/// [`is_token`](Error::is_token) holds. Every request waiting for the fetch gets it.
+///
+/// ```
+/// use blaze_auth::{AccessToken, BlazeAuthLayer, FetchError, token_fn};
+/// use http::{Request, Response};
+/// use std::{error::Error as _, time::Duration};
+/// use tower::{Layer, ServiceExt, service_fn};
+///
+/// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+/// # async fn main() -> Result<(), blaze_auth::BoxError> {
+/// // A source that never answers.
+/// let source = token_fn(|_| std::future::pending::<Result<AccessToken, blaze_auth::Error>>());
+/// let layer = BlazeAuthLayer::builder(source)
+///     .study("FHIR-T")
+///     .fetch_timeout(Duration::from_secs(5))
+///     .build()?;
+/// let client = layer.layer(service_fn(|_: Request<String>| async {
+///     Ok::<_, std::convert::Infallible>(Response::new(()))
+/// }));
+/// let error = client.oneshot(Request::new(String::new())).await.unwrap_err();
+/// assert!(error.is_token() && error.is_timeout());
+/// let cause = error.source().unwrap().downcast_ref::<FetchError>();
+/// assert_eq!(cause, Some(&FetchError::TimedOut));
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum FetchError {
+    /// The fetch took longer than the layer's
+    /// [`fetch_timeout`](crate::Builder::fetch_timeout).
+    TimedOut,
+    /// The token source panicked.
+    Panicked,
+    /// There was no Tokio runtime to run the fetch on: the layer was called outside one.
+    NoRuntime,
+    /// The fetch's task was cancelled before it finished: its runtime shut down.
+    Cancelled,
+}
+
+impl fmt::Display for FetchError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::TimedOut => "token fetch timed out",
+            Self::Panicked => "token source panicked",
+            Self::NoRuntime => "no Tokio runtime to fetch the token on",
+            Self::Cancelled => "token fetch was cancelled",
+        })
+    }
+}
+
+impl StdError for FetchError {}
 
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -35,12 +35,14 @@ pub const DEFAULT_STORM_WINDOW: Duration = Duration::from_secs(30);
 /// `researchstudy` query parameter and any fixed headers to each request, and on a 401 fetches
 /// a new token and sends the request once more. All services made from one layer, and all
 /// their clones, share one token cache. See the [crate docs](crate) for examples.
+#[derive(Clone, Debug)]
 pub struct BlazeAuthLayer<R = CloneBody> {
     config: Arc<Config>,
     replay: R,
 }
 
 /// What a layer adds to requests, and the cache its tokens come from.
+#[derive(Debug)]
 pub(crate) struct Config {
     pub(crate) cache: Arc<TokenCache>,
     /// The origins credentials go to; empty: every origin.
@@ -112,24 +114,6 @@ impl<S, R: Clone> Layer<S> for BlazeAuthLayer<R> {
     }
 }
 
-impl<R: Clone> Clone for BlazeAuthLayer<R> {
-    fn clone(&self) -> Self {
-        Self {
-            config: Arc::clone(&self.config),
-            replay: self.replay.clone(),
-        }
-    }
-}
-
-impl<R: fmt::Debug> fmt::Debug for BlazeAuthLayer<R> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("BlazeAuthLayer")
-            .field("config", &self.config)
-            .field("replay", &self.replay)
-            .finish()
-    }
-}
-
 /// Scheme, host and port, the port made explicit.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Origin {
@@ -165,7 +149,7 @@ impl Config {
     }
 
     /// Whether a request with this method may be sent a second time.
-    pub(crate) fn retries(&self, method: &Method) -> bool {
+    pub(crate) fn may_retry(&self, method: &Method) -> bool {
         !self.idempotent_only || method.is_idempotent()
     }
 
@@ -181,18 +165,6 @@ impl Config {
             parts.headers.insert(name, value.clone());
         }
         Ok(())
-    }
-}
-
-impl fmt::Debug for Config {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Config")
-            .field("cache", &self.cache)
-            .field("origins", &self.origins)
-            .field("study", &self.study)
-            .field("headers", &self.headers)
-            .field("idempotent_only", &self.idempotent_only)
-            .finish()
     }
 }
 
@@ -412,5 +384,157 @@ impl<R: fmt::Debug> fmt::Debug for Builder<R> {
             .field("idempotent_only", &self.idempotent_only)
             .field("replay", &self.replay)
             .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_helpers::{TestSource, sent_token};
+    use http::{Request, Response, StatusCode};
+    use std::convert::Infallible;
+    use tower::{ServiceBuilder, ServiceExt, service_fn};
+
+    #[test]
+    fn invalid_configuration_is_rejected_when_the_layer_is_built() {
+        let build = |study: &str, name: &str, value: &str| {
+            BlazeAuthLayer::builder(TestSource::new())
+                .study(study)
+                .header(name, value)
+                .build()
+                .map(drop)
+        };
+        assert!(
+            build("", "x-partnerid", "p")
+                .unwrap_err()
+                .is_invalid_study()
+        );
+        assert!(build("S", "bad name", "p").unwrap_err().is_invalid_header());
+        assert!(
+            build("S", "x-partnerid", "a\nb")
+                .unwrap_err()
+                .is_invalid_header()
+        );
+        assert!(
+            build("S", "authorization", "x")
+                .unwrap_err()
+                .is_invalid_header()
+        );
+        assert!(build("S", "x-partnerid", "p").is_ok());
+    }
+
+    #[test]
+    #[should_panic(expected = "invalid research study id")]
+    fn new_panics_on_an_invalid_study() {
+        BlazeAuthLayer::new(TestSource::new(), "FHIR-T\n");
+    }
+
+    #[tokio::test]
+    async fn credentials_go_only_to_the_configured_origin() {
+        let layer = BlazeAuthLayer::builder(TestSource::new())
+            .study("S")
+            .partner_id("p")
+            .origin("https://blaze.example")
+            .build()
+            .unwrap();
+        let client = layer.layer(service_fn(|request: Request<String>| async move {
+            Ok::<_, Infallible>(Response::new(request))
+        }));
+        let seen = |uri: &'static str| {
+            let client = client.clone();
+            async move {
+                let request = Request::get(uri).body(String::new()).unwrap();
+                client.oneshot(request).await.unwrap().into_body()
+            }
+        };
+        for ours in [
+            "https://blaze.example/api/Patient",
+            "https://BLAZE.example:443/api/Patient",
+            "/api/Patient",
+        ] {
+            let request = seen(ours).await;
+            assert_eq!(sent_token(&request), "token-1", "{ours}");
+            assert!(request.uri().query().unwrap().contains("researchstudy=S"));
+        }
+        for foreign in [
+            "https://evil.example/api/Patient",
+            "http://blaze.example/api/Patient",
+            "https://blaze.example:8443/api/Patient",
+            "https://blaze.example.evil.example/api/Patient",
+        ] {
+            let request = seen(foreign).await;
+            assert_eq!(request.uri(), foreign, "untouched");
+            assert!(
+                request.headers().is_empty(),
+                "{foreign}: {:?}",
+                request.headers()
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_redirect_to_another_origin_carries_no_credentials() {
+        use tower_http::follow_redirect::FollowRedirectLayer;
+        let hops = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let record = Arc::clone(&hops);
+        let servers = service_fn(move |request: Request<String>| {
+            let auth = request.headers().get(AUTHORIZATION).cloned();
+            let partner = request.headers().get("x-partnerid").cloned();
+            record
+                .lock()
+                .unwrap()
+                .push((request.uri().to_string(), auth, partner));
+            let redirect = request.uri().host() == Some("blaze.example");
+            async move {
+                let mut response = Response::new(String::new());
+                if redirect {
+                    *response.status_mut() = StatusCode::FOUND;
+                    response.headers_mut().insert(
+                        "location",
+                        HeaderValue::from_static("https://elsewhere.example/x?y=1"),
+                    );
+                }
+                Ok::<_, Infallible>(response)
+            }
+        });
+        let layer = BlazeAuthLayer::builder(TestSource::new())
+            .study("S")
+            .partner_id("p")
+            .origin("https://blaze.example")
+            .build()
+            .unwrap();
+        let client = ServiceBuilder::new()
+            .layer(FollowRedirectLayer::new())
+            .layer(layer)
+            .service(servers);
+        let request = Request::get("https://blaze.example/api/Patient")
+            .body(String::new())
+            .unwrap();
+        assert_eq!(
+            client.oneshot(request).await.unwrap().status(),
+            StatusCode::OK
+        );
+        let hops = hops.lock().unwrap();
+        assert_eq!(hops.len(), 2);
+        assert_eq!(
+            hops[0].0,
+            "https://blaze.example/api/Patient?researchstudy=S"
+        );
+        assert!(hops[0].1.is_some() && hops[0].2.is_some());
+        assert_eq!(
+            hops[1],
+            ("https://elsewhere.example/x?y=1".to_owned(), None, None)
+        );
+    }
+
+    #[test]
+    fn an_origin_without_scheme_or_host_is_rejected() {
+        for bad in ["blaze.example", "/path", "not a url", "ftp:/x"] {
+            let error = BlazeAuthLayer::builder(TestSource::new())
+                .origin(bad)
+                .build()
+                .unwrap_err();
+            assert!(error.is_invalid_url(), "{bad}");
+        }
     }
 }

@@ -105,6 +105,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![forbid(unsafe_code)]
 
+mod backoff;
 pub mod blaze;
 mod error;
 mod layer;
@@ -130,7 +131,7 @@ mod test_helpers;
 struct ReadmeDoctests;
 
 pub use crate::{
-    error::{BoxError, Error},
+    error::{BoxError, Error, FetchError},
     layer::{
         BlazeAuthLayer, Builder, DEFAULT_FETCH_COOLDOWN, DEFAULT_FETCH_TIMEOUT,
         DEFAULT_REFRESH_MARGIN, DEFAULT_STORM_WINDOW,

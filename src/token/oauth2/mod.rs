@@ -312,7 +312,7 @@ impl Inner {
             return None;
         }
         let (first, max) = self.backoff;
-        let exponential = first.saturating_mul(1 << (attempt - 1).min(16)).min(max);
+        let exponential = crate::backoff::exponential(first, attempt, max);
         // "Equal jitter": half fixed, half random, so clients that failed together spread out.
         let half = exponential / 2;
         let jittered = half + half.mul_f64(fastrand::f64());
