@@ -157,15 +157,18 @@ where
                 } => {
                     let response = ready!(future.poll(cx)).map_err(Error::inner)?;
                     let next = config.cache.after_response(*sent, Verdict::of(&response));
-                    // `take`: without a retry, the copy goes now, not when the caller drops
-                    // this future (a recorded body stops recording).
-                    let retry = match (next, kept.take()) {
-                        (Some(lookup), Some(kept)) => kept.retry(lookup, config),
-                        _ => None,
+                    let retry = match next {
+                        Some(lookup) => kept.take().and_then(|kept| kept.retry(lookup, config)),
+                        None => None,
                     };
                     match retry {
                         Some(retry) => retry,
-                        None => return Poll::Ready(Ok(response)),
+                        None => {
+                            // The copy goes now, not when the caller drops this future (a
+                            // recorded body stops recording); dropped in place, not moved.
+                            *kept = None;
+                            return Poll::Ready(Ok(response));
+                        }
                     }
                 }
                 StateProj::Refresh { wait, unsent } => {

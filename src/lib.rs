@@ -137,7 +137,7 @@ pub use crate::{
         DEFAULT_REFRESH_MARGIN, DEFAULT_STORM_WINDOW,
     },
     metrics::Metrics,
-    replay::{BufferBody, CloneBody, DEFAULT_REPLAY_CAP, NoReplay, Replay, ReplayBody},
+    replay::{BufferBody, CloneBody, NoReplay, Replay, ReplayBody},
     service::BlazeAuth,
     study::ResearchStudy,
     token::{AccessToken, StaticToken, TokenFn, TokenFuture, TokenSource, token_fn},

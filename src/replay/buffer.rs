@@ -16,7 +16,7 @@ use std::{
 };
 
 /// The cap of [`BufferBody::default`]: 64 KiB.
-pub const DEFAULT_REPLAY_CAP: usize = 64 * 1024;
+const DEFAULT_REPLAY_CAP: usize = 64 * 1024;
 
 /// Replays bodies that cannot be cloned (hyper's `Incoming`, tonic's request bodies) from a
 /// record of what was sent, up to a cap. See the [module docs](crate::replay).
@@ -55,7 +55,7 @@ impl BufferBody {
 }
 
 impl Default for BufferBody {
-    /// Records up to [`DEFAULT_REPLAY_CAP`], 64 KiB.
+    /// Records up to 64 KiB.
     fn default() -> Self {
         Self::new(DEFAULT_REPLAY_CAP)
     }

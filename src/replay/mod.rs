@@ -74,7 +74,7 @@
 mod buffer;
 mod copy;
 
-pub use self::buffer::{BufferBody, DEFAULT_REPLAY_CAP, ReplayBody};
+pub use self::buffer::{BufferBody, ReplayBody};
 pub(crate) use self::copy::RequestCopy;
 
 /// Decides whether, and how, a request body can be sent a second time.

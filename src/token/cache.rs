@@ -107,6 +107,9 @@ pub(crate) struct Entry {
     /// When to refresh ahead of expiry, in nanoseconds since the cache's epoch. The request
     /// that swaps in [`CLAIMED`] starts the refresh; a failed refresh sets a later time.
     refresh_at: AtomicU64,
+    /// The first `refresh_at`, which a failed refresh only ever puts later: until then a
+    /// request compares two instants, and neither loads `refresh_at` nor converts the clock.
+    refresh_from: Instant,
     issued_at: Instant,
     /// Fetched because the server refused the token before, and not yet accepted by it: if
     /// this one is refused too, soon, a new token is not what the server wants (see
@@ -176,9 +179,11 @@ impl TokenCache {
             // Not `is_valid_at`: the clock is read only for a token that can expire.
             let now = Instant::now();
             if now < expires_at {
-                let refresh_at = entry.refresh_at.load(Ordering::Acquire);
-                if self.nanos(now) >= refresh_at {
-                    self.refresh_ahead(entry, refresh_at);
+                if now >= entry.refresh_from {
+                    let refresh_at = entry.refresh_at.load(Ordering::Acquire);
+                    if self.nanos(now) >= refresh_at {
+                        self.refresh_ahead(entry, refresh_at);
+                    }
                 }
                 return Lookup::Ready(entry.credential());
             }
@@ -378,15 +383,18 @@ impl TokenCache {
         // never takes more than half the token's lifetime, so that a token that lives 5 s is
         // not refreshed on every request because the margin is 60 s.
         let jitter = self.config.refresh_jitter.mul_f64(fastrand::f64());
-        let refresh_at = token.expires_at().map_or(CLAIMED, |expires_at| {
+        let refresh_from = token.expires_at().map(|expires_at| {
             let lifetime = expires_at.saturating_duration_since(now);
             let margin = self.config.refresh_margin.saturating_add(jitter);
-            self.nanos(expires_at - margin.min(lifetime / 2))
+            expires_at - margin.min(lifetime / 2)
         });
+        let refresh_at = refresh_from.map_or(CLAIMED, |at| self.nanos(at));
         Entry {
             token,
             id,
             refresh_at: AtomicU64::new(refresh_at),
+            // For a token that never expires `get` returns before it looks at this.
+            refresh_from: refresh_from.unwrap_or(now),
             issued_at: now,
             on_probation: AtomicBool::new(after_rejection),
             storm_logged: AtomicBool::new(false),

@@ -158,7 +158,8 @@ impl AccessToken {
     }
 
     /// Whether `a` and `b` are clones of one token: a pointer comparison.
-    pub fn ptr_eq(a: &Self, b: &Self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn ptr_eq(a: &Self, b: &Self) -> bool {
         Arc::ptr_eq(&a.inner, &b.inner)
     }
 

@@ -112,19 +112,19 @@ use std::{
 use tokio::time::Instant;
 
 /// The Redis server when none is set: see [`RedisSharedBuilder::redis_url`].
-pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379/";
+const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379/";
 /// The key prefix when none is set: see [`RedisSharedBuilder::key_prefix`].
-pub const DEFAULT_KEY_PREFIX: &str = "blaze-auth:";
+const DEFAULT_KEY_PREFIX: &str = "blaze-auth:";
 /// The lock's lease when none is set: see [`RedisSharedBuilder::lease`].
-pub const DEFAULT_LEASE: Duration = Duration::from_secs(10);
+const DEFAULT_LEASE: Duration = Duration::from_secs(10);
 /// How long a process waits for another's token when not set: see
 /// [`RedisSharedBuilder::follower_wait`].
-pub const DEFAULT_FOLLOWER_WAIT: Duration = Duration::from_secs(20);
+const DEFAULT_FOLLOWER_WAIT: Duration = Duration::from_secs(20);
 /// The limit on one Redis operation when none is set: see [`RedisSharedBuilder::op_timeout`].
-pub const DEFAULT_OP_TIMEOUT: Duration = Duration::from_millis(250);
+const DEFAULT_OP_TIMEOUT: Duration = Duration::from_millis(250);
 /// How often a waiting process looks for the token when not set: see
 /// [`RedisSharedBuilder::poll_interval`].
-pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(50);
+const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(50);
 
 /// What the shared token is for: token URL, client id, scope and extra token-request
 /// parameters. Processes whose keys are equal share a token.
@@ -361,7 +361,7 @@ pub struct RedisSharedBuilder<S> {
 
 impl<S> RedisSharedBuilder<S> {
     /// Sets the Redis server, as a `redis://` or `rediss://` (TLS) URL; credentials go in its
-    /// user info. Default: [`DEFAULT_REDIS_URL`]. The connection is made at the first fetch,
+    /// user info. Default: `redis://127.0.0.1:6379/`. The connection is made at the first fetch,
     /// so a Redis that is down at start-up delays nothing.
     pub fn redis_url(mut self, url: &str) -> Self {
         self.redis_url = Some(url.into());
@@ -377,7 +377,7 @@ impl<S> RedisSharedBuilder<S> {
     }
 
     /// Sets the prefix of the Redis keys, e.g. to keep several deployments apart on one
-    /// Redis. Default: [`DEFAULT_KEY_PREFIX`], `blaze-auth:`.
+    /// Redis. Default: `blaze-auth:`.
     pub fn key_prefix(mut self, prefix: &str) -> Self {
         self.key_prefix = prefix.into();
         self
@@ -387,7 +387,7 @@ impl<S> RedisSharedBuilder<S> {
     ///
     /// The holder renews it every third of a lease while its fetch runs, so a slow fetch
     /// keeps the lock; a holder that crashed loses it at most one lease later, and a waiting
-    /// process takes over. Default: [`DEFAULT_LEASE`], 10 s.
+    /// process takes over. Default: 10 s.
     pub fn lease(mut self, lease: Duration) -> Self {
         self.lease = lease.max(Duration::from_millis(3));
         self
@@ -395,23 +395,20 @@ impl<S> RedisSharedBuilder<S> {
 
     /// Sets how long a process waits for the token another process is fetching before it
     /// fetches one itself. Keep it above the lease, so that a crashed holder is taken over
-    /// rather than bypassed, and below the layer's fetch timeout. Default:
-    /// [`DEFAULT_FOLLOWER_WAIT`], 20 s.
+    /// rather than bypassed, and below the layer's fetch timeout. Default: 20 s.
     pub fn follower_wait(mut self, wait: Duration) -> Self {
         self.follower_wait = wait;
         self
     }
 
     /// Sets the limit on each Redis operation; one that takes longer counts as Redis being
-    /// down, and the process fetches its token without Redis. Default:
-    /// [`DEFAULT_OP_TIMEOUT`], 250 ms.
+    /// down, and the process fetches its token without Redis. Default: 250 ms.
     pub fn op_timeout(mut self, timeout: Duration) -> Self {
         self.op_timeout = timeout;
         self
     }
 
-    /// Sets how often a waiting process looks for the token in Redis. Default:
-    /// [`DEFAULT_POLL_INTERVAL`], 50 ms.
+    /// Sets how often a waiting process looks for the token in Redis. Default: 50 ms.
     pub fn poll_interval(mut self, interval: Duration) -> Self {
         self.poll_interval = interval.max(Duration::from_millis(1));
         self
@@ -421,8 +418,8 @@ impl<S> RedisSharedBuilder<S> {
     /// process to ask fetches a new one; capped at half the token's lifetime, as the
     /// layer's refresh margin is. Set it to the layer's
     /// [`refresh_margin`](crate::Builder::refresh_margin): the layer then finds a fresh
-    /// token in Redis when it refreshes. Default: [`DEFAULT_REFRESH_MARGIN`](crate::DEFAULT_REFRESH_MARGIN),
-    /// 60 s, the layer's default.
+    /// token in Redis when it refreshes. Default: 60 s,
+    /// the layer's default.
     pub fn refresh_margin(mut self, margin: Duration) -> Self {
         self.refresh_margin = margin;
         self
