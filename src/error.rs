@@ -33,9 +33,14 @@ enum Kind {
     InvalidUrl,
     InsecureUrl,
     Tls,
+    // Made only with `oauth2` and without `rustls`.
+    #[cfg_attr(feature = "rustls", allow(dead_code))]
     NoHttpClient,
     InvalidKey,
-    Env { var: &'static str, missing: bool },
+    Env {
+        var: &'static str,
+        missing: bool,
+    },
 }
 
 /// A cause, owned by this error or shared with the other waiters of one token fetch.
@@ -111,7 +116,7 @@ impl Error {
     }
 
     /// A timeout: the token fetch took longer than the layer's
-    /// [`fetch_timeout`](crate::Builder::fetch_timeout) ([`FetchError::TimedOut`]), or a
+    /// [`fetch_timeout`](crate::BlazeAuthLayerBuilder::fetch_timeout) ([`FetchError::TimedOut`]), or a
     /// cause of this error says it timed out (the token endpoint, with the `oauth2` feature:
     /// [`TokenError::is_timeout`](crate::TokenError::is_timeout); the inner service: tower's
     /// `Elapsed`, an I/O error of kind `TimedOut`). Check [`is_token`](Self::is_token) or
@@ -155,53 +160,26 @@ impl Error {
         self.kind == Kind::InvalidUri
     }
 
-    /// A token or token type holds bytes that cannot go into an `Authorization` header.
-    pub fn is_invalid_token(&self) -> bool {
-        self.kind == Kind::InvalidToken
-    }
-
-    /// A research study id is empty, has surrounding white space or a control character.
-    pub fn is_invalid_study(&self) -> bool {
-        self.kind == Kind::InvalidStudy
-    }
-
-    /// A header given to the layer has an invalid name or value, or is one the layer owns.
-    pub fn is_invalid_header(&self) -> bool {
-        self.kind == Kind::InvalidHeader
-    }
-
-    /// A URL is not an absolute `http` or `https` URL, or carries user info; or an origin
-    /// given to the layer has no scheme or host.
-    pub fn is_invalid_url(&self) -> bool {
-        self.kind == Kind::InvalidUrl
-    }
-
-    /// A URL is plain `http` to a host that is not loopback, and plain `http` was not
-    /// explicitly allowed.
-    pub fn is_insecure_url(&self) -> bool {
-        self.kind == Kind::InsecureUrl
-    }
-
-    /// TLS could not be set up (no usable root certificates, an invalid certificate given).
-    pub fn is_tls(&self) -> bool {
-        self.kind == Kind::Tls
-    }
-
-    /// No HTTP client was given for the token request, and the `rustls` feature that
-    /// provides one is off.
-    pub fn is_no_http_client(&self) -> bool {
-        self.kind == Kind::NoHttpClient
-    }
-
-    /// An encryption key for tokens kept in Redis is not 32 bytes in standard base64.
-    pub fn is_invalid_key(&self) -> bool {
-        self.kind == Kind::InvalidKey
-    }
-
-    /// A required `BLAZE_*` environment variable is not set, or is not valid unicode; the
-    /// message names it.
-    pub fn is_env(&self) -> bool {
-        matches!(self.kind, Kind::Env { .. })
+    /// A value given to a constructor or builder is invalid, or needed and missing: a token
+    /// or token type that cannot go into an `Authorization` header, a research study id, a
+    /// header or an origin given to the layer, a URL (not absolute `http` or `https`, user
+    /// info, plain `http` to a host that is not loopback), TLS that cannot be set up, no HTTP
+    /// client for the token request with the `rustls` feature off, a Redis encryption key, a
+    /// `BLAZE_*` environment variable. The message says which, and names the variable, never
+    /// the value.
+    pub fn is_config(&self) -> bool {
+        matches!(
+            self.kind,
+            Kind::InvalidToken
+                | Kind::InvalidStudy
+                | Kind::InvalidHeader
+                | Kind::InvalidUrl
+                | Kind::InsecureUrl
+                | Kind::Tls
+                | Kind::NoHttpClient
+                | Kind::InvalidKey
+                | Kind::Env { .. }
+        )
     }
 }
 
@@ -250,7 +228,7 @@ fn is_timeout_cause(error: &(dyn StdError + 'static)) -> bool {
 #[non_exhaustive]
 pub enum FetchError {
     /// The fetch took longer than the layer's
-    /// [`fetch_timeout`](crate::Builder::fetch_timeout).
+    /// [`fetch_timeout`](crate::BlazeAuthLayerBuilder::fetch_timeout).
     TimedOut,
     /// The token source panicked.
     Panicked,

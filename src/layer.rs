@@ -1,4 +1,4 @@
-//! [`BlazeAuthLayer`] and its [`Builder`].
+//! [`BlazeAuthLayer`] and its [`BlazeAuthLayerBuilder`].
 
 use crate::{
     error::{BoxError, Error},
@@ -17,17 +17,11 @@ use http::{
 use std::{fmt, sync::Arc, time::Duration};
 use tower::Layer;
 
-/// The refresh margin when none is set: see [`Builder::refresh_margin`].
-pub const DEFAULT_REFRESH_MARGIN: Duration = Duration::from_secs(60);
-
-/// The cool-down after a failed fetch when none is set: see [`Builder::fetch_cooldown`].
-pub const DEFAULT_FETCH_COOLDOWN: Duration = Duration::from_secs(1);
-
-/// The limit on one token fetch when none is set: see [`Builder::fetch_timeout`].
-pub const DEFAULT_FETCH_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// The storm guard's window when none is set: see [`Builder::storm_window`].
-pub const DEFAULT_STORM_WINDOW: Duration = Duration::from_secs(30);
+// The defaults, stated in the docs of the builder methods that change them.
+pub(crate) const DEFAULT_REFRESH_MARGIN: Duration = Duration::from_secs(60);
+pub(crate) const DEFAULT_FETCH_COOLDOWN: Duration = Duration::from_secs(1);
+pub(crate) const DEFAULT_FETCH_TIMEOUT: Duration = Duration::from_secs(60);
+pub(crate) const DEFAULT_STORM_WINDOW: Duration = Duration::from_secs(30);
 
 /// A [`Layer`] that authenticates every request for the Blaze FHIR API.
 ///
@@ -67,9 +61,9 @@ impl BlazeAuthLayer {
         }
     }
 
-    /// A [`Builder`] for a layer that takes tokens from `source`.
-    pub fn builder(source: impl TokenSource + 'static) -> Builder {
-        Builder {
+    /// A [`BlazeAuthLayerBuilder`] for a layer that takes tokens from `source`.
+    pub fn builder(source: impl TokenSource + 'static) -> BlazeAuthLayerBuilder {
+        BlazeAuthLayerBuilder {
             source: Box::new(source),
             study: None,
             origins: Vec::new(),
@@ -83,7 +77,6 @@ impl BlazeAuthLayer {
                 storm_window: DEFAULT_STORM_WINDOW,
             },
             idempotent_only: false,
-            replay: CloneBody,
         }
     }
 }
@@ -97,7 +90,8 @@ impl<R> BlazeAuthLayer<R> {
     }
 
     /// Sets how request bodies are kept for the retry after a 401 (see [`crate::replay`]).
-    /// The default, [`CloneBody`], clones them.
+    /// Default: [`CloneBody`], which clones them. The one place to set it, for a layer made
+    /// by [`new`](Self::new) or by a builder alike.
     pub fn replay<R2>(self, replay: R2) -> BlazeAuthLayer<R2> {
         BlazeAuthLayer {
             config: self.config,
@@ -170,7 +164,8 @@ impl Config {
 
 /// Configures a [`BlazeAuthLayer`]; made by [`BlazeAuthLayer::builder`].
 ///
-/// Invalid values are reported by [`build`](Builder::build), so a layer that exists is one
+/// Invalid values are reported by [`build`](BlazeAuthLayerBuilder::build), so a layer that
+/// exists is one
 /// that can authenticate every request.
 ///
 /// ```
@@ -187,7 +182,7 @@ impl Config {
 /// # let _ = layer;
 /// # Ok::<_, blaze_auth::Error>(())
 /// ```
-pub struct Builder<R = CloneBody> {
+pub struct BlazeAuthLayerBuilder {
     source: Box<dyn TokenSource>,
     study: Option<Result<ResearchStudy, Error>>,
     origins: Vec<Origin>,
@@ -195,10 +190,9 @@ pub struct Builder<R = CloneBody> {
     error: Option<Error>,
     cache: CacheConfig,
     idempotent_only: bool,
-    replay: R,
 }
 
-impl<R> Builder<R> {
+impl BlazeAuthLayerBuilder {
     /// Sets the research study sent with every request that does not name its own through a
     /// [`ResearchStudy`] extension. Default: none, and such a request fails with
     /// [`Error::is_missing_study`].
@@ -265,7 +259,7 @@ impl<R> Builder<R> {
     /// is capped at half the token's lifetime, so short-lived tokens are not refreshed on
     /// every request. Zero means no refresh before expiry.
     ///
-    /// Default: [`DEFAULT_REFRESH_MARGIN`], 60 s. Blaze tokens live an hour, so this costs
+    /// Default: 60 s. Blaze tokens live an hour, so this costs
     /// under 2 % more token fetches, and leaves a slow token endpoint (with its retries) a
     /// minute to answer before any request has to wait.
     pub fn refresh_margin(mut self, margin: Duration) -> Self {
@@ -281,7 +275,7 @@ impl<R> Builder<R> {
     /// doubles with each failure in a row, up to 30 s (or this value, if longer), and
     /// resets with the next token.
     ///
-    /// Default: [`DEFAULT_FETCH_COOLDOWN`], 1 s.
+    /// Default: 1 s.
     pub fn fetch_cooldown(mut self, cooldown: Duration) -> Self {
         self.cache.fetch_cooldown = cooldown;
         self
@@ -299,7 +293,7 @@ impl<R> Builder<R> {
     /// takes longer fails every request waiting for it. The limit belongs to the fetch, not
     /// to a caller: a request that gives up neither shortens nor cancels it.
     ///
-    /// Default: [`DEFAULT_FETCH_TIMEOUT`], 60 s: [`ClientCredentials`](crate::ClientCredentials)
+    /// Default: 60 s: [`ClientCredentials`](crate::ClientCredentials)
     /// with its defaults gives up within about 31 s by itself.
     pub fn fetch_timeout(mut self, timeout: Duration) -> Self {
         self.cache.fetch_timeout = timeout;
@@ -315,7 +309,7 @@ impl<R> Builder<R> {
     /// misconfiguration cannot make every request hit the token endpoint. Zero turns the
     /// guard off.
     ///
-    /// Default: [`DEFAULT_STORM_WINDOW`], 30 s.
+    /// Default: 30 s.
     pub fn storm_window(mut self, window: Duration) -> Self {
         self.cache.storm_window = window;
         self
@@ -329,29 +323,13 @@ impl<R> Builder<R> {
         self
     }
 
-    /// Sets how request bodies are kept for the retry after a 401 (see [`crate::replay`]).
-    /// Default: [`CloneBody`].
-    pub fn replay<R2>(self, replay: R2) -> Builder<R2> {
-        Builder {
-            source: self.source,
-            study: self.study,
-            origins: self.origins,
-            headers: self.headers,
-            error: self.error,
-            cache: self.cache,
-            idempotent_only: self.idempotent_only,
-            replay,
-        }
-    }
-
     /// Builds the layer.
     ///
     /// # Errors
     ///
-    /// An invalid value given: a header or an origin ([`Error::is_invalid_header`],
-    /// [`Error::is_invalid_url`]; the first of those), or else the study id
-    /// ([`Error::is_invalid_study`]).
-    pub fn build(self) -> Result<BlazeAuthLayer<R>, Error> {
+    /// An invalid value given ([`Error::is_config`]): a header or an origin (the first of
+    /// those), or else the study id.
+    pub fn build(self) -> Result<BlazeAuthLayer, Error> {
         if let Some(error) = self.error {
             return Err(error);
         }
@@ -365,7 +343,7 @@ impl<R> Builder<R> {
         };
         Ok(BlazeAuthLayer {
             config: Arc::new(config),
-            replay: self.replay,
+            replay: CloneBody,
         })
     }
 
@@ -375,14 +353,14 @@ impl<R> Builder<R> {
     }
 }
 
-impl<R: fmt::Debug> fmt::Debug for Builder<R> {
+// By hand: the token source need not be `Debug`.
+impl fmt::Debug for BlazeAuthLayerBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Builder")
+        f.debug_struct("BlazeAuthLayerBuilder")
             .field("study", &self.study)
             .field("headers", &self.headers)
             .field("cache", &self.cache)
             .field("idempotent_only", &self.idempotent_only)
-            .field("replay", &self.replay)
             .finish_non_exhaustive()
     }
 }
@@ -404,21 +382,21 @@ mod tests {
                 .build()
                 .map(drop)
         };
-        assert!(
-            build("", "x-partnerid", "p")
-                .unwrap_err()
-                .is_invalid_study()
+        // Each a configuration error, and the message says which value is wrong.
+        let error = |study, name, value| {
+            let error = build(study, name, value).unwrap_err();
+            assert!(error.is_config(), "{error:?}");
+            error.to_string()
+        };
+        assert_eq!(error("", "x-partnerid", "p"), "invalid research study id");
+        assert_eq!(error("S", "bad name", "p"), "invalid header for the layer");
+        assert_eq!(
+            error("S", "x-partnerid", "a\nb"),
+            "invalid header for the layer"
         );
-        assert!(build("S", "bad name", "p").unwrap_err().is_invalid_header());
-        assert!(
-            build("S", "x-partnerid", "a\nb")
-                .unwrap_err()
-                .is_invalid_header()
-        );
-        assert!(
-            build("S", "authorization", "x")
-                .unwrap_err()
-                .is_invalid_header()
+        assert_eq!(
+            error("S", "authorization", "x"),
+            "invalid header for the layer"
         );
         assert!(build("S", "x-partnerid", "p").is_ok());
     }
@@ -534,7 +512,7 @@ mod tests {
                 .origin(bad)
                 .build()
                 .unwrap_err();
-            assert!(error.is_invalid_url(), "{bad}");
+            assert!(error.is_config(), "{bad}");
         }
     }
 }

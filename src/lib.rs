@@ -132,10 +132,7 @@ struct ReadmeDoctests;
 
 pub use crate::{
     error::{BoxError, Error, FetchError},
-    layer::{
-        BlazeAuthLayer, Builder, DEFAULT_FETCH_COOLDOWN, DEFAULT_FETCH_TIMEOUT,
-        DEFAULT_REFRESH_MARGIN, DEFAULT_STORM_WINDOW,
-    },
+    layer::{BlazeAuthLayer, BlazeAuthLayerBuilder},
     metrics::Metrics,
     replay::{BufferBody, CloneBody, NoReplay, Replay, ReplayBody},
     service::BlazeAuth,
@@ -145,7 +142,9 @@ pub use crate::{
 
 #[cfg(feature = "oauth2")]
 #[cfg_attr(docsrs, doc(cfg(feature = "oauth2")))]
-pub use crate::token::oauth2::{BlazeEnv, ClientAuth, ClientCredentials, ClientSecret, TokenError};
+pub use crate::token::oauth2::{
+    BlazeEnv, ClientAuth, ClientCredentials, ClientCredentialsBuilder, ClientSecret, TokenError,
+};
 
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]

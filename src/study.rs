@@ -271,10 +271,7 @@ mod tests {
     #[test]
     fn invalid_ids_are_rejected() {
         for id in ["", " S", "S\n", "S\tT", "\u{7f}"] {
-            assert!(
-                ResearchStudy::new(id).unwrap_err().is_invalid_study(),
-                "{id:?}"
-            );
+            assert!(ResearchStudy::new(id).unwrap_err().is_config(), "{id:?}");
         }
         assert_eq!(ResearchStudy::new("FHIR T").unwrap().as_str(), "FHIR T");
     }

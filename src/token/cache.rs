@@ -486,7 +486,8 @@ impl Future for FetchTask {
 #[cfg(test)]
 mod tests {
     use crate::{
-        AccessToken, BlazeAuth, BlazeAuthLayer, DEFAULT_FETCH_COOLDOWN, Error,
+        AccessToken, BlazeAuth, BlazeAuthLayer, Error,
+        layer::{DEFAULT_FETCH_COOLDOWN, DEFAULT_STORM_WINDOW},
         test_helpers::{TestSource, get, inner, reject_first_token, sent_token},
     };
     use http::{Request, Response, StatusCode};
@@ -834,7 +835,7 @@ mod tests {
         assert_eq!(metrics.refreshes_skipped, 10_000);
 
         // After the window, a 401 may be fixable again: one more refresh and retry.
-        tokio::time::advance(crate::DEFAULT_STORM_WINDOW).await;
+        tokio::time::advance(DEFAULT_STORM_WINDOW).await;
         client.clone().oneshot(get()).await.unwrap();
         client.oneshot(get()).await.unwrap();
         assert_eq!(source.fetches(), 3);

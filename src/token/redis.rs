@@ -286,7 +286,7 @@ impl<S: TokenSource> RedisShared<S> {
             follower_wait: DEFAULT_FOLLOWER_WAIT,
             op_timeout: DEFAULT_OP_TIMEOUT,
             poll_interval: DEFAULT_POLL_INTERVAL,
-            refresh_margin: crate::DEFAULT_REFRESH_MARGIN,
+            refresh_margin: crate::layer::DEFAULT_REFRESH_MARGIN,
             encryption_key: None,
         }
     }
@@ -417,7 +417,7 @@ impl<S> RedisSharedBuilder<S> {
     /// Sets how close to its expiry a token in Redis counts as absent, so that the next
     /// process to ask fetches a new one; capped at half the token's lifetime, as the
     /// layer's refresh margin is. Set it to the layer's
-    /// [`refresh_margin`](crate::Builder::refresh_margin): the layer then finds a fresh
+    /// [`refresh_margin`](crate::BlazeAuthLayerBuilder::refresh_margin): the layer then finds a fresh
     /// token in Redis when it refreshes. Default: 60 s,
     /// the layer's default.
     pub fn refresh_margin(mut self, margin: Duration) -> Self {
@@ -439,7 +439,7 @@ impl<S> RedisSharedBuilder<S> {
     ///
     /// # Errors
     ///
-    /// If the Redis URL is not valid ([`Error::is_invalid_url`]); the error does not repeat
+    /// If the Redis URL is not valid ([`Error::is_config`]); the error does not repeat
     /// it, since it may hold a password.
     pub fn build(self) -> Result<RedisShared<S>, Error> {
         let (client, connection) = match self.connection {
@@ -527,7 +527,7 @@ impl EncryptionKey {
     ///
     /// # Errors
     ///
-    /// If `encoded` is not base64 of exactly 32 bytes ([`Error::is_invalid_key`]).
+    /// If `encoded` is not base64 of exactly 32 bytes ([`Error::is_config`]).
     pub fn from_base64(encoded: &str) -> Result<Self, Error> {
         let bytes = BASE64
             .decode(encoded.trim())
@@ -1102,7 +1102,7 @@ mod tests {
         let long = BASE64.encode([7u8; 33]);
         for bad in ["", "not base64!", &short, &long] {
             let error = EncryptionKey::from_base64(bad).unwrap_err();
-            assert!(error.is_invalid_key(), "{bad}");
+            assert!(error.is_config(), "{bad}");
         }
     }
 
@@ -1140,7 +1140,7 @@ mod tests {
             .redis_url("http://user:hunter2@h/")
             .build()
             .unwrap_err();
-        assert!(error.is_invalid_url());
+        assert!(error.is_config());
         assert!(!format!("{error:?}").contains("hunter2"));
     }
 

@@ -1,7 +1,7 @@
 //! [`BlazeEnv`]: a Blaze client configured from `BLAZE_*` environment variables.
 
 use super::{ClientCredentials, ClientCredentialsBuilder, ClientSecret};
-use crate::{blaze, error::Error, layer::Builder, token::TokenSource};
+use crate::{blaze, error::Error, layer::BlazeAuthLayerBuilder, token::TokenSource};
 use std::{env::VarError, fmt};
 
 /// The settings of a Blaze client, as read from the environment by [`from_env`](Self::from_env).
@@ -55,7 +55,7 @@ impl BlazeEnv {
     /// # Errors
     ///
     /// When some are set but a required one is missing or empty, or one is not valid
-    /// unicode: the error names that variable ([`Error::is_env`]).
+    /// unicode: the error names that variable ([`Error::is_config`]).
     pub fn from_env() -> Result<Option<Self>, Error> {
         Self::from_lookup(std::env::var)
     }
@@ -123,7 +123,7 @@ impl BlazeEnv {
 
     /// A layer builder with the study, credentials for `BLAZE_BASE_URL`'s origin only, and
     /// the partner id if set.
-    pub fn layer(&self, source: impl TokenSource + 'static) -> Builder {
+    pub fn layer(&self, source: impl TokenSource + 'static) -> BlazeAuthLayerBuilder {
         let builder = crate::BlazeAuthLayer::builder(source)
             .study(&self.research_study)
             .origin(&self.base_url);
@@ -225,7 +225,7 @@ mod tests {
                 .filter(|(k, _)| *k != missing)
                 .collect();
             let error = read(&vars).unwrap_err();
-            assert!(error.is_env());
+            assert!(error.is_config());
             assert_eq!(
                 error.to_string(),
                 format!("environment variable {missing} is not set")
