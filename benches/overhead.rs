@@ -23,9 +23,9 @@
 //! the bench also times all stacks in turn, 15 rounds of 200,000 requests each, and prints
 //! the median of the rounds' ratios (`overhead/interleaved`): the figures the README reports.
 //!
-//! Before criterion runs, the heap allocations per request of every stack are counted by the
-//! global allocator below (10,000 requests, outside any timing) and printed as
-//! `allocations per request`.
+//! The heap allocations per request of the same stacks are counted, and bounded, by
+//! `tests/allocations.rs`, which `cargo test` runs; the stacks and requests live in
+//! `support` for both.
 
 mod support;
 
