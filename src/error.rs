@@ -321,6 +321,24 @@ mod tests {
     }
 
     #[test]
+    fn is_timeout_finds_a_timeout_among_the_causes() {
+        let elapsed = Error::inner(tower::timeout::error::Elapsed::new());
+        assert!(elapsed.is_inner() && elapsed.is_timeout());
+        let io = std::io::Error::new(std::io::ErrorKind::TimedOut, "slow");
+        assert!(Error::inner(io).is_timeout());
+        // Deeper in the chain: a cause whose own source timed out.
+        let wrapped = std::io::Error::other(Error::token(Arc::new(FetchError::TimedOut)));
+        assert!(Error::inner(wrapped).is_timeout());
+        assert!(Error::token(Arc::new(FetchError::TimedOut)).is_timeout());
+        #[cfg(feature = "oauth2")]
+        assert!(Error::token(Arc::new(crate::TokenError::timeout())).is_timeout());
+
+        assert!(!Error::token(Arc::new(FetchError::Panicked)).is_timeout());
+        assert!(!Error::inner(std::io::Error::other("reset")).is_timeout());
+        assert!(!Error::missing_study().is_timeout());
+    }
+
+    #[test]
     fn display_is_short_and_lowercase() {
         let error = Error::inner("boom");
         assert_eq!(error.to_string(), "inner service failed");

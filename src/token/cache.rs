@@ -486,7 +486,7 @@ impl Future for FetchTask {
 #[cfg(test)]
 mod tests {
     use crate::{
-        AccessToken, BlazeAuth, BlazeAuthLayer, Error,
+        AccessToken, BlazeAuth, BlazeAuthLayer, Error, FetchError,
         layer::{DEFAULT_FETCH_COOLDOWN, DEFAULT_STORM_WINDOW},
         test_helpers::{TestSource, get, inner, reject_first_token, sent_token},
     };
@@ -741,9 +741,45 @@ mod tests {
         let (service, _) = inner::<String, _>(|_| StatusCode::OK);
         let client = BlazeAuth::new(service, source, "S");
         let error = client.clone().oneshot(get()).await.unwrap_err();
-        assert!(error.is_token());
+        assert!(error.is_token() && !error.is_timeout());
+        assert_eq!(cause(&error), Some(&FetchError::Panicked));
         tokio::time::advance(DEFAULT_FETCH_COOLDOWN).await;
         assert_eq!(client.oneshot(get()).await.unwrap().body(), "ok");
+    }
+
+    #[test]
+    fn a_request_outside_a_tokio_runtime_fails_with_a_typed_cause() {
+        let (service, calls) = inner::<String, _>(|_| StatusCode::OK);
+        let client = BlazeAuth::new(service, TestSource::new(), "S");
+        let error = futures_util::FutureExt::now_or_never(client.oneshot(get()))
+            .expect("fails at once")
+            .unwrap_err();
+        assert!(error.is_token());
+        assert_eq!(cause(&error), Some(&FetchError::NoRuntime));
+        assert_eq!(calls.load(Ordering::SeqCst), 0);
+    }
+
+    #[test]
+    fn a_fetch_whose_runtime_shut_down_fails_its_waiters_with_a_typed_cause() {
+        let source = TestSource::gated();
+        let (service, _) = inner::<String, _>(|_| StatusCode::OK);
+        let mut client = BlazeAuth::new(service, source, "S");
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        // The fetch starts on `runtime`, and waits at the gate when the runtime goes.
+        runtime.block_on(client.ready()).unwrap();
+        let waiting = {
+            let _runtime = runtime.enter();
+            client.call(get())
+        };
+        drop(runtime);
+        let error = futures_util::FutureExt::now_or_never(waiting)
+            .expect("the cancelled fetch is ready")
+            .unwrap_err();
+        assert!(error.is_token());
+        assert_eq!(cause(&error), Some(&FetchError::Cancelled));
     }
 
     #[tokio::test(start_paused = true)]
@@ -897,6 +933,8 @@ mod tests {
             .collect();
         for waiter in waiters {
             let error = waiter.await.unwrap().unwrap_err();
+            assert!(error.is_token() && error.is_timeout(), "{error:?}");
+            assert_eq!(cause(&error), Some(&FetchError::TimedOut));
             assert_eq!(error.source().unwrap().to_string(), "token fetch timed out");
         }
         assert_eq!(started.elapsed(), Duration::from_secs(5));
@@ -950,5 +988,10 @@ mod tests {
         );
         assert_eq!(metrics.token_age, Some(Duration::from_secs(10)));
         assert_eq!(metrics.token_lifetime, Some(Duration::from_secs(3600)));
+    }
+
+    /// The cache's own cause of a fetch failure, if it is one.
+    fn cause(error: &Error) -> Option<&FetchError> {
+        error.source()?.downcast_ref()
     }
 }
