@@ -37,6 +37,10 @@ enum Kind {
     #[cfg_attr(feature = "rustls", allow(dead_code))]
     NoHttpClient,
     InvalidKey,
+    ReservedParam {
+        name: &'static str,
+        instead: &'static str,
+    },
     Env {
         var: &'static str,
         missing: bool,
@@ -90,9 +94,13 @@ impl Error {
         Self::new(Kind::InvalidUrl, source.map(Source::Owned))
     }
 
-    #[cfg(feature = "oauth2")]
     pub(crate) fn insecure_url() -> Self {
         Self::new(Kind::InsecureUrl, None)
+    }
+
+    #[cfg(feature = "oauth2")]
+    pub(crate) fn reserved_param(name: &'static str, instead: &'static str) -> Self {
+        Self::new(Kind::ReservedParam { name, instead }, None)
     }
 
     #[cfg(feature = "redis")]
@@ -165,8 +173,9 @@ impl Error {
     /// header or an origin given to the layer, a URL (not absolute `http` or `https`, user
     /// info, plain `http` to a host that is not loopback), TLS that cannot be set up, no HTTP
     /// client for the token request with the `rustls` feature off, a Redis encryption key, a
-    /// `BLAZE_*` environment variable. The message says which, and names the variable, never
-    /// the value.
+    /// form parameter that [`ClientCredentials`](crate::ClientCredentials) sets itself, a
+    /// `BLAZE_*` environment variable. The message says which, and names the variable or
+    /// parameter, never the value.
     pub fn is_config(&self) -> bool {
         matches!(
             self.kind,
@@ -178,6 +187,7 @@ impl Error {
                 | Kind::Tls
                 | Kind::NoHttpClient
                 | Kind::InvalidKey
+                | Kind::ReservedParam { .. }
                 | Kind::Env { .. }
         )
     }
@@ -267,6 +277,9 @@ impl fmt::Display for Error {
             Kind::Tls => "could not set up TLS",
             Kind::NoHttpClient => "no HTTP client for the token request",
             Kind::InvalidKey => "encryption key is not 32 bytes in base64",
+            Kind::ReservedParam { name, instead } => {
+                return write!(f, "form parameter {name} is set by the client: {instead}");
+            }
             Kind::Env { var, missing } => {
                 let problem = if missing {
                     "is not set"

@@ -4,6 +4,7 @@ use crate::{
     error::{BoxError, Error},
     metrics::Metrics,
     replay::CloneBody,
+    scope::{Decision, Origin, Scope},
     service::BlazeAuth,
     study::ResearchStudy,
     token::{
@@ -28,7 +29,9 @@ pub(crate) const DEFAULT_STORM_WINDOW: Duration = Duration::from_secs(30);
 /// It wraps a service in [`BlazeAuth`], which adds `Authorization: Bearer <token>`, the
 /// `researchstudy` query parameter and any fixed headers to each request, and on a 401 fetches
 /// a new token and sends the request once more. All services made from one layer, and all
-/// their clones, share one token cache. See the [crate docs](crate) for examples.
+/// their clones, share one token cache. Only requests in its credential scope get any of
+/// that: by default Blaze's gateways and loopback hosts (see [`BlazeAuthLayerBuilder::origin`]). See the
+/// [crate docs](crate) for examples.
 #[derive(Clone, Debug)]
 pub struct BlazeAuthLayer<R = CloneBody> {
     config: Arc<Config>,
@@ -39,8 +42,10 @@ pub struct BlazeAuthLayer<R = CloneBody> {
 #[derive(Debug)]
 pub(crate) struct Config {
     pub(crate) cache: Arc<TokenCache>,
-    /// The origins credentials go to; empty: every origin.
-    origins: Vec<Origin>,
+    /// The origins credentials go to.
+    scope: Scope,
+    /// Whether plain `http` to a host that is not loopback may get credentials.
+    allow_http: bool,
     study: Option<ResearchStudy>,
     headers: HeaderMap,
     idempotent_only: bool,
@@ -67,6 +72,8 @@ impl BlazeAuthLayer {
             source: Box::new(source),
             study: None,
             origins: Vec::new(),
+            any_origin: false,
+            allow_http: false,
             headers: HeaderMap::new(),
             error: None,
             cache: CacheConfig {
@@ -108,38 +115,14 @@ impl<S, R: Clone> Layer<S> for BlazeAuthLayer<R> {
     }
 }
 
-/// Scheme, host and port, the port made explicit.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Origin {
-    scheme: Box<str>,
-    host: Box<str>,
-    port: u16,
-}
-
-impl Origin {
-    fn of(uri: &Uri) -> Option<Self> {
-        let scheme = uri.scheme_str()?.to_ascii_lowercase();
-        let port = uri.port_u16().or(match scheme.as_str() {
-            "https" => Some(443),
-            "http" => Some(80),
-            _ => None,
-        })?;
-        Some(Self {
-            host: uri.host()?.to_ascii_lowercase().into(),
-            scheme: scheme.into(),
-            port,
-        })
-    }
-}
-
 impl Config {
     /// Whether requests to `uri` get credentials: relative URIs do (the inner service picks
-    /// their origin, as a tonic channel does); absolute ones only to a configured origin.
-    pub(crate) fn authenticates(&self, uri: &Uri) -> bool {
-        if self.origins.is_empty() || uri.scheme().is_none() {
-            return true;
-        }
-        Origin::of(uri).is_some_and(|origin| self.origins.contains(&origin))
+    /// their origin, as a tonic channel does); absolute ones if their origin is in the
+    /// layer's scope. An error for plain `http` to a host that is not loopback in an open
+    /// scope, unless allowed.
+    pub(crate) fn authenticates(&self, uri: &Uri) -> Result<bool, Error> {
+        let decision = self.scope.decide(uri, self.allow_http)?;
+        Ok(decision == Decision::Authenticate)
     }
 
     /// Whether a request with this method may be sent a second time.
@@ -185,7 +168,9 @@ impl Config {
 pub struct BlazeAuthLayerBuilder {
     source: Box<dyn TokenSource>,
     study: Option<Result<ResearchStudy, Error>>,
-    origins: Vec<Origin>,
+    origins: Vec<String>,
+    any_origin: bool,
+    allow_http: bool,
     headers: HeaderMap,
     error: Option<Error>,
     cache: CacheConfig,
@@ -202,23 +187,73 @@ impl BlazeAuthLayerBuilder {
     }
 
     /// Adds an origin (scheme, host and port of `url`; its path is ignored) that requests
-    /// get credentials for. Default: none, and every request gets them.
+    /// get credentials for.
     ///
-    /// Once one is set, a request whose absolute URI has another origin passes through
-    /// untouched: no token, no `researchstudy`, no fixed headers. That keeps credentials
-    /// from following a redirect to another host (put this layer inside tower-http's
-    /// `FollowRedirectLayer`, so that it sees every hop) and makes the layer safe on a client
-    /// shared with other APIs. Requests with a relative URI (as a tonic channel sends them)
-    /// are always authenticated: the inner service decides where they go.
-    /// [`BlazeEnv::layer`](crate::BlazeEnv::layer) sets `BLAZE_BASE_URL`'s origin.
+    /// Default: Blaze's gateways ([`blaze::STAGING_URL`](crate::blaze::STAGING_URL) and
+    /// [`blaze::PRODUCTION_URL`](crate::blaze::PRODUCTION_URL)) and loopback hosts
+    /// (`127.0.0.0/8`, `::1`, `localhost`; any port, `http` or `https`), so that a local
+    /// stand-in works unconfigured. Naming an origin *replaces* that default: once one is
+    /// named, only the named origins get credentials (say `.origin(STAGING_URL)` too if
+    /// you still want it). [`any_origin`](Self::any_origin) opens the scope instead.
+    ///
+    /// A request whose absolute URI has an origin outside the scope passes through untouched:
+    /// no token, no `researchstudy`, no fixed headers, and a `tracing` DEBUG event naming the
+    /// origin. It is not an error, so that the layer is safe on a client shared with other
+    /// APIs and inside tower-http's `FollowRedirectLayer` (which is where it belongs: it then
+    /// sees every hop, and a redirect to another host gets nothing), as tower-http's
+    /// `FilterCredentials` does on redirects. Requests with a relative URI (as a tonic
+    /// channel sends them) are always authenticated: the inner service decides where they
+    /// go. [`BlazeEnv::layer`](crate::BlazeEnv::layer) names `BLAZE_BASE_URL`'s origin.
+    ///
+    /// A plain `http` origin on a host that is not loopback needs
+    /// [`allow_http`](Self::allow_http); [`build`](Self::build) fails without it.
+    ///
+    /// ```
+    /// use blaze_auth::{AccessToken, BlazeAuthLayer, StaticToken};
+    /// use http::{Request, Response};
+    /// use tower::{Layer, ServiceExt, service_fn};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), blaze_auth::BoxError> {
+    /// let layer = BlazeAuthLayer::builder(StaticToken::new(AccessToken::bearer("t")?))
+    ///     .study("FHIR-T")
+    ///     .origin("https://blaze.example")
+    ///     .build()?;
+    /// // Answers whether the request it got carries a token.
+    /// let client = layer.layer(service_fn(|request: Request<()>| async move {
+    ///     let authorized = request.headers().contains_key("authorization");
+    ///     Ok::<_, std::convert::Infallible>(Response::new(authorized))
+    /// }));
+    /// let sent = |uri| client.clone().oneshot(Request::get(uri).body(()).unwrap());
+    /// assert!(*sent("https://blaze.example/Patient").await?.body());
+    /// assert!(!*sent("https://elsewhere.example/Patient").await?.body());
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn origin(mut self, url: &str) -> Self {
-        match url.parse::<Uri>().ok().as_ref().and_then(Origin::of) {
-            Some(origin) => {
-                self.origins.push(origin);
-                self
-            }
-            None => self.fail(Error::invalid_url(None)),
-        }
+        self.origins.push(url.to_owned());
+        self
+    }
+
+    /// Sends credentials to every origin: an explicit opt-in, for a client that talks to
+    /// Blaze alone through an address this layer cannot know (a proxy, a tunnel). Named
+    /// [`origin`](Self::origin)s then add nothing. Default: off; see `origin` for the scope.
+    ///
+    /// A request to plain `http` on a host that is not loopback then fails with
+    /// [`Error::is_config`] (it is neither sent with the token nor silently sent
+    /// without it) unless [`allow_http`](Self::allow_http) is set.
+    pub fn any_origin(mut self) -> Self {
+        self.any_origin = true;
+        self
+    }
+
+    /// Allows credentials over plain `http` to hosts that are not loopback: the token then
+    /// crosses the network in clear text. Default: `false`; loopback hosts are always
+    /// allowed. It widens no scope: an `http` origin must still be named, or
+    /// [`any_origin`](Self::any_origin) set.
+    pub fn allow_http(mut self, allow: bool) -> Self {
+        self.allow_http = allow;
+        self
     }
 
     /// Sets Blaze v2's `x-partnerid` header, sent with every request. Default: not sent.
@@ -327,16 +362,28 @@ impl BlazeAuthLayerBuilder {
     ///
     /// # Errors
     ///
-    /// An invalid value given ([`Error::is_config`]): a header or an origin (the first of
-    /// those), or else the study id.
+    /// An invalid value given ([`Error::is_config`]): a header, or else an origin (also plain
+    /// `http` to a host that is not loopback without [`allow_http`](Self::allow_http)), or
+    /// else the study id.
     pub fn build(self) -> Result<BlazeAuthLayer, Error> {
         if let Some(error) = self.error {
             return Err(error);
         }
+        let origins = self
+            .origins
+            .iter()
+            .map(|url| Origin::parse(url, self.allow_http))
+            .collect::<Result<Vec<_>, _>>()?;
+        let scope = match origins.is_empty() {
+            _ if self.any_origin => Scope::Any,
+            true => Scope::Default,
+            false => Scope::Named(origins),
+        };
         let study = self.study.transpose()?;
         let config = Config {
             cache: Arc::new(TokenCache::new(self.source, self.cache)),
-            origins: self.origins,
+            scope,
+            allow_http: self.allow_http,
             study,
             headers: self.headers,
             idempotent_only: self.idempotent_only,
@@ -358,6 +405,9 @@ impl fmt::Debug for BlazeAuthLayerBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("BlazeAuthLayerBuilder")
             .field("study", &self.study)
+            .field("origins", &self.origins)
+            .field("any_origin", &self.any_origin)
+            .field("allow_http", &self.allow_http)
             .field("headers", &self.headers)
             .field("cache", &self.cache)
             .field("idempotent_only", &self.idempotent_only)
@@ -368,9 +418,10 @@ impl fmt::Debug for BlazeAuthLayerBuilder {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_helpers::{TestSource, sent_token};
+    use crate::test_helpers::{TestSource, inner, sent_token};
     use http::{Request, Response, StatusCode};
     use std::convert::Infallible;
+    use std::sync::atomic::Ordering;
     use tower::{ServiceBuilder, ServiceExt, service_fn};
 
     #[test]
@@ -505,6 +556,16 @@ mod tests {
         );
     }
 
+    /// What `client` sent for a request to `uri`: the request itself, or the error.
+    async fn sent_for(layer: &BlazeAuthLayer, uri: &str) -> Result<Request<String>, crate::Error> {
+        let echo = service_fn(|request: Request<String>| async move {
+            Ok::<_, Infallible>(Response::new(request))
+        });
+        let request = Request::get(uri).body(String::new()).unwrap();
+        let response = layer.layer(echo).oneshot(request).await?;
+        Ok(response.into_body())
+    }
+
     #[test]
     fn an_origin_without_scheme_or_host_is_rejected() {
         for bad in ["blaze.example", "/path", "not a url", "ftp:/x"] {
@@ -514,5 +575,100 @@ mod tests {
                 .unwrap_err();
             assert!(error.is_config(), "{bad}");
         }
+    }
+
+    #[tokio::test]
+    async fn by_default_only_blazes_gateways_and_loopback_get_credentials() {
+        let layer = BlazeAuthLayer::builder(TestSource::new())
+            .study("S")
+            .partner_id("p")
+            .header("x-extra", "e")
+            .build()
+            .unwrap();
+        for ours in [
+            "https://apigateway.apps.stageapi.mskcc.org/api/Patient",
+            "https://apigateway.apps.prodapi.mskcc.org/api/Patient",
+            "http://127.0.0.1:8080/api/Patient",
+            "http://localhost:3000/api/Patient",
+            "http://[::1]/api/Patient",
+            "/api/Patient",
+        ] {
+            let request = sent_for(&layer, ours).await.unwrap();
+            assert_eq!(sent_token(&request), "token-1", "{ours}");
+            assert_eq!(request.headers()["x-partnerid"], "p");
+            assert!(request.uri().query().unwrap().contains("researchstudy=S"));
+        }
+        for foreign in [
+            "https://evil.example/collect",
+            "http://evil.example/collect",
+            "http://apigateway.apps.stageapi.mskcc.org/api/Patient",
+            "https://apigateway.apps.stageapi.mskcc.org:8443/api/Patient",
+            "https://10.0.0.1/api/Patient",
+        ] {
+            let request = sent_for(&layer, foreign).await.unwrap();
+            assert_eq!(request.uri(), foreign, "untouched");
+            assert!(request.headers().is_empty(), "{foreign}");
+        }
+    }
+
+    #[tokio::test]
+    async fn any_origin_opens_the_scope_but_never_to_cleartext() {
+        let open = |allow_http| {
+            BlazeAuthLayer::builder(TestSource::new())
+                .study("S")
+                .any_origin()
+                .allow_http(allow_http)
+                .build()
+                .unwrap()
+        };
+        let layer = open(false);
+        let request = sent_for(&layer, "https://anywhere.example/x")
+            .await
+            .unwrap();
+        assert_eq!(sent_token(&request), "token-1");
+        let request = sent_for(&layer, "http://127.0.0.1:1/x").await.unwrap();
+        assert_eq!(sent_token(&request), "token-1");
+        // Neither sent with the token nor silently without it.
+        let (service, calls) = inner::<String, _>(|_| StatusCode::OK);
+        let request = Request::get("http://anywhere.example/x")
+            .body(String::new())
+            .unwrap();
+        let error = layer.layer(service).oneshot(request).await.unwrap_err();
+        assert!(error.is_config(), "{error:?}");
+        assert_eq!(
+            error.to_string(),
+            "plain http is allowed for loopback hosts only"
+        );
+        assert_eq!(calls.load(Ordering::SeqCst), 0);
+
+        let request = sent_for(&open(true), "http://anywhere.example/x")
+            .await
+            .unwrap();
+        assert_eq!(sent_token(&request), "token-1");
+    }
+
+    #[tokio::test]
+    async fn a_cleartext_origin_needs_allow_http() {
+        let named = |allow_http| {
+            BlazeAuthLayer::builder(TestSource::new())
+                .study("S")
+                .origin("http://blaze.internal:8080")
+                .allow_http(allow_http)
+                .build()
+        };
+        let error = named(false).unwrap_err();
+        assert!(error.is_config());
+        assert_eq!(
+            error.to_string(),
+            "plain http is allowed for loopback hosts only"
+        );
+        let layer = named(true).unwrap();
+        let request = sent_for(&layer, "http://blaze.internal:8080/x")
+            .await
+            .unwrap();
+        assert_eq!(sent_token(&request), "token-1");
+        // Naming an origin replaces the default scope: loopback is no longer in it.
+        let request = sent_for(&layer, "http://127.0.0.1:8080/x").await.unwrap();
+        assert!(request.headers().is_empty());
     }
 }

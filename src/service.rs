@@ -87,9 +87,13 @@ where
 
         // A request for an origin the layer does not serve goes as it is.
         let (mut parts, body) = request.into_parts();
-        if !self.config.authenticates(&parts.uri) {
-            let request = Request::from_parts(parts, self.replay.once(body));
-            return ResponseFuture::pass_through(ready_inner.call(request));
+        match self.config.authenticates(&parts.uri) {
+            Ok(true) => {}
+            Ok(false) => {
+                let request = Request::from_parts(parts, self.replay.once(body));
+                return ResponseFuture::pass_through(ready_inner.call(request));
+            }
+            Err(error) => return ResponseFuture::failed(error),
         }
         // A copy for the retry after a 401, of the request as the caller sent it.
         let (body, copy) = if self.config.may_retry(&parts.method) {
@@ -173,6 +177,7 @@ mod tests {
             .study("FHIR-T")
             .partner_id("partner-42")
             .header("x-other", "1")
+            .origin("https://h")
             .build()
             .unwrap();
         let client =
