@@ -178,6 +178,7 @@ fn has_byte(word: u64, byte: u8) -> bool {
 }
 
 /// Whether `haystack` contains `needle` (ASCII) in any ASCII case.
+#[cfg(feature = "oauth2")]
 pub(crate) fn contains_ignore_case(haystack: &str, needle: &str) -> bool {
     haystack
         .as_bytes()
