@@ -476,13 +476,13 @@ fn required_encryption_without_a_key_is_a_start_up_error() {
     let endpoint = Endpoint::new(Duration::ZERO);
     let builder = || RedisShared::builder(endpoint.source(), key());
     let error = builder().require_encryption(true).build().err().unwrap();
-    assert!(error.is_invalid_key());
+    assert!(error.is_config());
     let error = builder()
         .previous_encryption_key(EncryptionKey::generate())
         .build()
         .err()
         .unwrap();
-    assert!(error.is_invalid_key());
+    assert!(error.is_config());
     let built = builder()
         .require_encryption(true)
         .encryption_key(EncryptionKey::generate())
