@@ -143,6 +143,33 @@ async fn a_crashed_lock_holder_is_taken_over_after_its_lease() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fetch_slower_than_the_lease_keeps_the_lock_by_renewing_it() {
+    let redis = RedisServer::start();
+    let key = key();
+    // The fetch takes three leases: without renewals, the lock would expire under it and a
+    // second process would fetch too.
+    let endpoint = Endpoint::new(Duration::from_millis(3000));
+    let process = || {
+        shared(&redis, &key, &endpoint)
+            .lease(Duration::from_secs(1))
+            .follower_wait(Duration::from_secs(30))
+            .build()
+            .unwrap()
+    };
+    let (a, b) = (process(), process());
+    let first = tokio::spawn(async move { a.fetch(None).await });
+    while endpoint.fetches() == 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let second = b.fetch(None).await.unwrap();
+    assert_eq!(first.await.unwrap().unwrap().secret(), "token-1");
+    assert_eq!(second.secret(), "token-1");
+    assert_eq!(endpoint.fetches(), 1);
+    let metrics = b.metrics();
+    assert_eq!((metrics.waits, metrics.shared_hits), (1, 1), "{metrics:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_token_is_deleted_only_while_it_is_the_stored_one() {
     refused_token_is_compared_and_deleted(&RedisServer::start()).await;
 }
