@@ -264,9 +264,18 @@ mod tests {
         for_a_year["expires_at_ms"] = (now + 365 * 24 * HOUR).into();
         let mut expired = good.clone();
         expired["expires_at_ms"] = (now - 1).into();
-        let mut header_breaking = good;
+        let mut header_breaking = good.clone();
         header_breaking["access_token"] = "t\r\nX-Evil: 1".into();
-        for bad in [basic, no_expiry, for_a_year, expired, header_breaking] {
+        let mut bad = vec![basic, no_expiry, for_a_year, expired, header_breaking];
+        for token_type in [" Bearer", "Bearer ", "Bearer\t", "Bearer\0", "Bearer x", ""] {
+            let mut padded = good.clone();
+            padded["token_type"] = token_type.into();
+            bad.push(padded);
+        }
+        let mut negative = good;
+        negative["expires_at_ms"] = (-1).into();
+        bad.push(negative);
+        for bad in bad {
             assert!(planted(bad.clone()).is_none(), "{bad}");
         }
     }
