@@ -17,11 +17,11 @@ pub struct Metrics {
     /// Requests sent a second time after a 401.
     pub retries: u64,
     /// 401s returned without a new token by the storm guard: a token fetched after a 401 was
-    /// refused too (see [`Builder::storm_window`](crate::Builder::storm_window)).
+    /// refused too (see [`BlazeAuthLayerBuilder::storm_window`](crate::BlazeAuthLayerBuilder::storm_window)).
     pub refreshes_skipped: u64,
     /// Requests that met a failed token fetch (during its cool-down, or as its result) and
     /// waited for the next attempt instead of failing at once (see
-    /// [`Builder::max_token_wait`](crate::Builder::max_token_wait)).
+    /// [`BlazeAuthLayerBuilder::max_token_wait`](crate::BlazeAuthLayerBuilder::max_token_wait)).
     pub token_waits: u64,
     /// Of those, requests that reached their bound without a token and failed with the last
     /// error.

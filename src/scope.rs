@@ -3,7 +3,8 @@
 //! By default the scope is Blaze's two gateways ([`blaze::STAGING_URL`],
 //! [`blaze::PRODUCTION_URL`]) and loopback hosts (`127.0.0.0/8`, `::1`, `localhost`, any port,
 //! `http` or `https`). Naming an origin replaces that default; [`Scope::Any`] takes every
-//! origin. Plain `http` to a host that is not loopback gets credentials only when allowed.
+//! origin. Plain `http` to a host that is not loopback gets credentials only when allowed; no
+//! scheme other than `http` and `https` ever gets them, whatever its host and port.
 
 use crate::{blaze, error::Error};
 use http::Uri;
@@ -37,39 +38,97 @@ impl Scope {
     /// loopback, in an open scope without `allow_http`, is an error: sending it without the
     /// credentials the user asked for everywhere would be as wrong as sending them in clear.
     pub(crate) fn decide(&self, uri: &Uri, allow_http: bool) -> Result<Decision, Error> {
+        if self.names_exactly(uri) {
+            return Ok(Decision::Authenticate);
+        }
         let (Some(scheme), Some(host)) = (uri.scheme_str(), uri.host()) else {
             return Ok(Decision::Authenticate);
         };
-        let port = uri.port_u16().or_else(|| default_port(scheme));
-        let inside = match self {
-            Scope::Default => {
+        // Only `http` and `https` ever get credentials, whatever the host and port.
+        let port = default_port(scheme).map(|default| uri.port_u16().unwrap_or(default));
+        let inside = match (self, port) {
+            (_, None) => false,
+            (Scope::Default, Some(port)) => {
                 // The gateways first: the common case in production, and cheaper.
                 scheme.eq_ignore_ascii_case("https")
-                    && port == Some(443)
+                    && port == 443
                     && [blaze::STAGING_URL, blaze::PRODUCTION_URL]
                         .iter()
                         .filter_map(|url| url.strip_prefix("https://"))
                         .any(|gateway| gateway.eq_ignore_ascii_case(host))
-                    || is_loopback(host) && port.is_some()
+                    || is_loopback(host)
             }
-            Scope::Named(origins) => origins.iter().any(|o| o.matches(scheme, host, port)),
-            Scope::Any => {
+            (Scope::Named(origins), Some(port)) => {
+                origins.iter().any(|o| o.matches(scheme, host, port))
+            }
+            (Scope::Any, Some(_)) => {
                 let cleartext = scheme.eq_ignore_ascii_case("http") && !is_loopback(host);
                 if cleartext && !allow_http {
                     return Err(Error::insecure_url());
                 }
-                port.is_some()
+                true
             }
         };
         if inside {
             Ok(Decision::Authenticate)
         } else {
+            let port = uri.port_u16().map(|p| format!(":{p}")).unwrap_or_default();
             tracing::debug!(
-                origin = %format_args!("{scheme}://{host}{}", port.map(|p| format!(":{p}")).unwrap_or_default()),
+                origin = %format_args!("{scheme}://{host}{port}"),
                 "request outside the credential scope: sent without credentials"
             );
             Ok(Decision::PassThrough)
         }
+    }
+}
+
+impl Scope {
+    /// The common case, cheaply: whether `uri`'s authority is, in any case, exactly the host
+    /// of a gateway or of a named origin, or that host with the origin's port, and its scheme
+    /// the origin's. Then the request is in the scope, and `decide` need not take `host()`
+    /// and `port_u16()`, which parse the authority once each. Anything else (user info, a
+    /// loopback host, another port) is for the full check.
+    fn names_exactly(&self, uri: &Uri) -> bool {
+        let (Some(scheme), Some(authority)) = (uri.scheme_str(), uri.authority()) else {
+            return false;
+        };
+        let authority = authority.as_str();
+        match self {
+            Scope::Default => {
+                scheme.eq_ignore_ascii_case("https")
+                    && [blaze::STAGING_URL, blaze::PRODUCTION_URL]
+                        .iter()
+                        .filter_map(|url| url.strip_prefix("https://"))
+                        .any(|gateway| authority_is(authority, gateway, 443, true))
+            }
+            Scope::Named(origins) => origins.iter().any(|origin| {
+                scheme.eq_ignore_ascii_case(&origin.scheme)
+                    && authority_is(
+                        authority,
+                        &origin.host,
+                        origin.port,
+                        default_port(&origin.scheme) == Some(origin.port),
+                    )
+            }),
+            Scope::Any => false,
+        }
+    }
+}
+
+/// Whether `authority` is `host` followed by nothing (if `port` is the scheme's default) or
+/// by `:port`, in any ASCII case.
+fn authority_is(authority: &str, host: &str, port: u16, default: bool) -> bool {
+    // Exactly as written first: a `memcmp`, quicker than comparing byte by byte in any case.
+    let Some(rest) = authority
+        .get(..host.len())
+        .filter(|start| *start == host || start.eq_ignore_ascii_case(host))
+        .map(|_| &authority[host.len()..])
+    else {
+        return false;
+    };
+    match rest.strip_prefix(':') {
+        Some(digits) => digits.parse() == Ok(port),
+        None => rest.is_empty() && default,
     }
 }
 
@@ -86,9 +145,10 @@ impl Origin {
     ///
     /// # Errors
     ///
-    /// If `url` has no `http(s)` scheme or no host ([`Error::is_invalid_url`]), or is plain
+    /// If `url` has no `http(s)` scheme or no host, or has user info
+    /// ([`Error::is_config`]), or is plain
     /// `http` to a host that is not loopback and `allow_http` is false
-    /// ([`Error::is_insecure_url`]).
+    /// ([`Error::is_config`]).
     pub(crate) fn parse(url: &str, allow_http: bool) -> Result<Self, Error> {
         let uri: Uri = url
             .parse()
@@ -97,9 +157,12 @@ impl Origin {
         let (Some(scheme), Some(host)) = (scheme, uri.host()) else {
             return Err(Error::invalid_url(None));
         };
-        let port = uri
-            .port_u16()
-            .or_else(|| default_port(&scheme))
+        // User info names no origin, and is a secret of its own: refused, as the token
+        // endpoint refuses it.
+        let user_info = uri.authority().is_some_and(|a| a.as_str().contains('@'));
+        let port = default_port(&scheme)
+            .filter(|_| !user_info)
+            .map(|default| uri.port_u16().unwrap_or(default))
             .ok_or_else(|| Error::invalid_url(None))?;
         if scheme == "http" && !allow_http && !is_loopback(host) {
             return Err(Error::insecure_url());
@@ -113,8 +176,8 @@ impl Origin {
 }
 
 impl Origin {
-    fn matches(&self, scheme: &str, host: &str, port: Option<u16>) -> bool {
-        port == Some(self.port)
+    fn matches(&self, scheme: &str, host: &str, port: u16) -> bool {
+        port == self.port
             && scheme.eq_ignore_ascii_case(&self.scheme)
             && host.eq_ignore_ascii_case(&self.host)
     }
@@ -144,12 +207,25 @@ pub(crate) fn is_loopback(host: &str) -> bool {
         || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
+/// `url` with the user info of its authority, if any, replaced by `[redacted]`.
+pub(crate) fn without_user_info(url: &str) -> std::borrow::Cow<'_, str> {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.into();
+    };
+    let (authority, tail) = rest.split_at(rest.find(['/', '?', '#']).unwrap_or(rest.len()));
+    match authority.rsplit_once('@') {
+        Some((_, host)) => format!("{scheme}://[redacted]@{host}{tail}").into(),
+        None => url.into(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn decide(scope: &Scope, uri: &str, allow_http: bool) -> Result<Decision, Error> {
-        scope.decide(&uri.parse().unwrap(), allow_http)
+        let uri = uri.parse().unwrap_or_else(|e| panic!("{uri}: {e}"));
+        scope.decide(&uri, allow_http)
     }
 
     #[test]
@@ -161,6 +237,7 @@ mod tests {
             "https://127.8.9.10/Patient",
             "http://[::1]:9000/Patient",
             "http://LocalHost/Patient",
+            "HTTPS://evil.example@APIGATEWAY.apps.prodapi.mskcc.org/x",
             "/Patient",
         ] {
             assert_eq!(
@@ -177,6 +254,14 @@ mod tests {
             "https://localhost.evil.example/x",
             "http://10.0.0.1/x",
             "ftp://127.0.0.1/x",
+            // The host is what follows the user info.
+            "https://apigateway.apps.stageapi.mskcc.org@evil.example/x",
+            // Names that resolve to loopback elsewhere, or might, are not loopback here.
+            "https://127.0.0.1.nip.io/x",
+            "http://localhost./x",
+            "https://apigateway.apps.stageapi.mskcc.org./x",
+            "http://[::ffff:127.0.0.1]/x",
+            "http://2130706433/x",
         ] {
             assert_eq!(
                 decide(&Scope::Default, outside, true).unwrap(),
@@ -184,6 +269,67 @@ mod tests {
                 "{outside}"
             );
         }
+    }
+
+    #[test]
+    fn the_quick_check_takes_only_what_the_full_check_would() {
+        let named = Scope::Named(vec![
+            Origin::parse("https://blaze.example", false).unwrap(),
+            Origin::parse("http://blaze.internal:8080", true).unwrap(),
+        ]);
+        let uris = [
+            "https://apigateway.apps.stageapi.mskcc.org/x",
+            "https://APIGATEWAY.apps.prodapi.mskcc.org:443/x",
+            "https://apigateway.apps.stageapi.mskcc.org:0443/x",
+            "https://apigateway.apps.stageapi.mskcc.org:8443/x",
+            "https://apigateway.apps.stageapi.mskcc.org.:443/x",
+            "https://apigateway.apps.stageapi.mskcc.org.evil.example/x",
+            "https://user@apigateway.apps.stageapi.mskcc.org/x",
+            "http://apigateway.apps.stageapi.mskcc.org/x",
+            "https://apigateway.apps.stageapi.mskcc.or/x",
+            "https://blaze.example/x",
+            "https://Blaze.Example:443/x",
+            "https://blaze.example:80/x",
+            "http://blaze.example/x",
+            "http://blaze.internal:8080/x",
+            "http://blaze.internal/x",
+            "https://blaze.internal:8080/x",
+            "http://127.0.0.1:8080/x",
+            "/x",
+        ];
+        let mut quick = 0;
+        for scope in [&Scope::Default, &named, &Scope::Any] {
+            for uri in uris {
+                let parsed: Uri = uri.parse().unwrap();
+                if scope.names_exactly(&parsed) {
+                    quick += 1;
+                    // The full check, without the quick one, says the same.
+                    let host = parsed.host().unwrap();
+                    let port = parsed
+                        .port_u16()
+                        .or_else(|| default_port(parsed.scheme_str().unwrap()));
+                    let full = match scope {
+                        Scope::Default => {
+                            port == Some(443)
+                                && parsed.scheme_str() == Some("https")
+                                && !host.contains('@')
+                                && (host.eq_ignore_ascii_case("apigateway.apps.stageapi.mskcc.org")
+                                    || host
+                                        .eq_ignore_ascii_case("apigateway.apps.prodapi.mskcc.org"))
+                        }
+                        Scope::Named(origins) => origins.iter().any(|o| {
+                            port.is_some_and(|port| {
+                                o.matches(parsed.scheme_str().unwrap(), host, port)
+                            })
+                        }),
+                        Scope::Any => false,
+                    };
+                    assert!(full, "{scope:?} {uri}");
+                }
+            }
+        }
+        // The gateways and named origins as clients write them take the quick way.
+        assert_eq!(quick, 6);
     }
 
     #[test]
@@ -197,7 +343,11 @@ mod tests {
             Decision::Authenticate
         );
         let error = decide(&Scope::Any, "http://anywhere.example/x", false).unwrap_err();
-        assert!(error.is_insecure_url(), "{error:?}");
+        assert!(error.is_config(), "{error:?}");
+        assert_eq!(
+            error.to_string(),
+            "plain http is allowed for loopback hosts only"
+        );
         assert_eq!(
             decide(&Scope::Any, "http://anywhere.example/x", true).unwrap(),
             Decision::Authenticate
@@ -208,18 +358,50 @@ mod tests {
     fn origins_are_checked_when_named() {
         let origin = Origin::parse("HTTPS://Blaze.Example/api/", false).unwrap();
         assert_eq!(format!("{origin:?}"), "https://blaze.example:443");
-        assert!(
-            Origin::parse("http://blaze.example", false)
-                .unwrap_err()
-                .is_insecure_url()
+        let error = Origin::parse("http://blaze.example", false).unwrap_err();
+        assert!(error.is_config());
+        assert_eq!(
+            error.to_string(),
+            "plain http is allowed for loopback hosts only"
         );
         assert!(Origin::parse("http://blaze.example", true).is_ok());
         assert!(Origin::parse("http://localhost:3000", false).is_ok());
         for bad in ["blaze.example", "/path", "not a url", "ftp://h/x"] {
-            assert!(
-                Origin::parse(bad, true).unwrap_err().is_invalid_url(),
-                "{bad}"
+            let error = Origin::parse(bad, true).unwrap_err();
+            assert!(error.is_config(), "{bad}");
+            assert_eq!(error.to_string(), "invalid URL", "{bad}");
+        }
+    }
+
+    #[test]
+    fn only_http_and_https_ever_get_credentials() {
+        // An explicit port gave other schemes a way in: the loopback default and an open scope
+        // checked the host and the port, never the scheme.
+        let named = Scope::Named(vec![Origin::parse("https://blaze.example", false).unwrap()]);
+        for (scope, uri) in [
+            (&Scope::Default, "ftp://127.0.0.1:21/x"),
+            (&Scope::Default, "ws://localhost:8080/x"),
+            (&Scope::Any, "ws://anywhere.example:80/x"),
+            (&Scope::Any, "foo://anywhere.example:443/x"),
+            (&named, "wss://blaze.example:443/x"),
+        ] {
+            assert_eq!(
+                decide(scope, uri, false).unwrap(),
+                Decision::PassThrough,
+                "{uri}"
             );
+        }
+    }
+
+    #[test]
+    fn a_named_origin_is_http_or_https_without_user_info() {
+        for bad in [
+            "ftp://blaze.example:21",
+            "ws://blaze.example:80",
+            "https://user:pw@blaze.example",
+            "https://blaze.example@evil.example",
+        ] {
+            assert!(Origin::parse(bad, true).unwrap_err().is_config(), "{bad}");
         }
     }
 

@@ -156,3 +156,8 @@ pub(crate) fn fail_fast<S>(source: impl TokenSource + 'static, service: S) -> Bl
         .unwrap()
         .layer(service)
 }
+
+/// A `GET /Patient` with an empty body.
+pub(crate) fn get() -> Request<String> {
+    Request::get("/Patient").body(String::new()).unwrap()
+}

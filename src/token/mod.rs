@@ -159,7 +159,8 @@ impl AccessToken {
     }
 
     /// Whether `a` and `b` are clones of one token: a pointer comparison.
-    pub fn ptr_eq(a: &Self, b: &Self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn ptr_eq(a: &Self, b: &Self) -> bool {
         Arc::ptr_eq(&a.inner, &b.inner)
     }
 
@@ -233,7 +234,7 @@ impl fmt::Debug for TokenFuture {
 
 /// Wraps a [`TokenSource`]'s error to say that waiting will not fix it: the layer then fails
 /// requests at once with it, rather than letting them wait for the next fetch attempt (see
-/// [`Builder::max_token_wait`](crate::Builder::max_token_wait)).
+/// [`BlazeAuthLayerBuilder::max_token_wait`](crate::BlazeAuthLayerBuilder::max_token_wait)).
 ///
 /// It is transparent: `Display` and [`source`](StdError::source) are the wrapped error's.
 /// Fetches are still tried again after each cool-down, so the source recovers by itself
@@ -420,13 +421,13 @@ mod tests {
     fn bytes_illegal_in_a_header_are_rejected() {
         for secret in ["", "a\r\nb", "a b", "a\0", "tok\u{e9}n", "a\x7f"] {
             assert!(
-                AccessToken::bearer(secret).unwrap_err().is_invalid_token(),
+                AccessToken::bearer(secret).unwrap_err().is_config(),
                 "{secret:?}"
             );
         }
         for token_type in ["", "Bea rer", "Bearer\n", "B\u{e9}arer"] {
             let error = AccessToken::new(token_type, "abc").unwrap_err();
-            assert!(error.is_invalid_token(), "{token_type:?}");
+            assert!(error.is_config(), "{token_type:?}");
         }
     }
 

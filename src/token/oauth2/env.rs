@@ -1,7 +1,9 @@
 //! [`BlazeEnv`]: a Blaze client configured from `BLAZE_*` environment variables.
 
 use super::{ClientCredentials, ClientCredentialsBuilder, ClientSecret};
-use crate::{blaze, error::Error, layer::Builder, token::TokenSource};
+use crate::{
+    blaze, error::Error, layer::BlazeAuthLayerBuilder, scope::without_user_info, token::TokenSource,
+};
 use std::{env::VarError, fmt};
 
 /// The settings of a Blaze client, as read from the environment by [`from_env`](Self::from_env).
@@ -55,7 +57,7 @@ impl BlazeEnv {
     /// # Errors
     ///
     /// When some are set but a required one is missing or empty, or one is not valid
-    /// unicode: the error names that variable ([`Error::is_env`]).
+    /// unicode: the error names that variable ([`Error::is_config`]).
     pub fn from_env() -> Result<Option<Self>, Error> {
         Self::from_lookup(std::env::var)
     }
@@ -123,9 +125,9 @@ impl BlazeEnv {
 
     /// A layer builder with the study, credentials for `BLAZE_BASE_URL`'s origin only, and
     /// the partner id if set. A plain `http` `BLAZE_BASE_URL` on a host that is not loopback
-    /// makes its [`build`](Builder::build) fail unless
-    /// [`allow_http`](Builder::allow_http) is set on it.
-    pub fn layer(&self, source: impl TokenSource + 'static) -> Builder {
+    /// makes its [`build`](BlazeAuthLayerBuilder::build) fail unless
+    /// [`allow_http`](BlazeAuthLayerBuilder::allow_http) is set on it.
+    pub fn layer(&self, source: impl TokenSource + 'static) -> BlazeAuthLayerBuilder {
         let builder = crate::BlazeAuthLayer::builder(source)
             .study(&self.research_study)
             .origin(&self.base_url);
@@ -162,15 +164,21 @@ impl BlazeEnv {
 }
 
 impl fmt::Debug for BlazeEnv {
+    /// The URLs without any user info (a password, which the token source and the layer
+    /// refuse, but a misconfigured variable may hold) and the partner id redacted, as the
+    /// layer marks its header sensitive.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("BlazeEnv")
-            .field("base_url", &self.base_url)
-            .field("token_url", &self.token_url)
+            .field("base_url", &without_user_info(&self.base_url))
+            .field("token_url", &without_user_info(&self.token_url))
             .field("client_id", &self.client_id)
             .field("client_secret", &self.client_secret)
             .field("scope", &self.scope)
             .field("research_study", &self.research_study)
-            .field("partner_id", &self.partner_id)
+            .field(
+                "partner_id",
+                &self.partner_id.as_ref().map(|_| "[redacted]"),
+            )
             .finish()
     }
 }
@@ -195,6 +203,25 @@ mod tests {
         ("BLAZE_RESEARCH_STUDY", "FHIR-T"),
         ("BLAZE_PARTNER_ID", "p-1"),
     ];
+
+    #[test]
+    fn debug_shows_no_password_in_a_url_nor_the_partner_id() {
+        let mut vars = FULL;
+        vars[0] = ("BLAZE_BASE_URL", "https://user:pa55word@blaze.example/");
+        let env = read(&vars).unwrap().unwrap();
+        let shown = format!("{env:?}");
+        for secret in ["pa55word", "env-secret", "p-1"] {
+            assert!(!shown.contains(secret), "{secret} in {shown}");
+        }
+        assert!(
+            shown.contains("https://[redacted]@blaze.example/msk-apim"),
+            "{shown}"
+        );
+        assert_eq!(
+            without_user_info("https://blaze.example/a@b?c=@"),
+            "https://blaze.example/a@b?c=@"
+        );
+    }
 
     #[test]
     fn nothing_set_is_none() {
@@ -227,7 +254,7 @@ mod tests {
                 .filter(|(k, _)| *k != missing)
                 .collect();
             let error = read(&vars).unwrap_err();
-            assert!(error.is_env());
+            assert!(error.is_config());
             assert_eq!(
                 error.to_string(),
                 format!("environment variable {missing} is not set")
