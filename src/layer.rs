@@ -244,7 +244,16 @@ impl<R> Builder<R> {
     /// `FollowRedirectLayer`, so that it sees every hop) and makes the layer safe on a client
     /// shared with other APIs. Requests with a relative URI (as a tonic channel sends them)
     /// are always authenticated: the inner service decides where they go.
-    /// [`BlazeEnv::layer`](crate::BlazeEnv::layer) sets `BLAZE_BASE_URL`'s origin.
+    /// [`BlazeEnv::layer`] sets `BLAZE_BASE_URL`'s origin.
+    ///
+    #[cfg_attr(
+        feature = "oauth2",
+        doc = "[`BlazeEnv::layer`]: crate::BlazeEnv::layer"
+    )]
+    #[cfg_attr(
+        not(feature = "oauth2"),
+        doc = "[`BlazeEnv::layer`]: crate#feature-flags"
+    )]
     pub fn origin(mut self, url: &str) -> Self {
         match url.parse::<Uri>().ok().as_ref().and_then(Origin::of) {
             Some(origin) => {
@@ -327,8 +336,17 @@ impl<R> Builder<R> {
     /// takes longer fails every request waiting for it. The limit belongs to the fetch, not
     /// to a caller: a request that gives up neither shortens nor cancels it.
     ///
-    /// Default: [`DEFAULT_FETCH_TIMEOUT`], 60 s: [`ClientCredentials`](crate::ClientCredentials)
-    /// with its defaults gives up within about 31 s by itself.
+    /// Default: [`DEFAULT_FETCH_TIMEOUT`], 60 s: [`ClientCredentials`] with its defaults gives
+    /// up within about 31 s by itself.
+    ///
+    #[cfg_attr(
+        feature = "oauth2",
+        doc = "[`ClientCredentials`]: crate::ClientCredentials"
+    )]
+    #[cfg_attr(
+        not(feature = "oauth2"),
+        doc = "[`ClientCredentials`]: crate#feature-flags"
+    )]
     pub fn fetch_timeout(mut self, timeout: Duration) -> Self {
         self.cache.fetch_timeout = timeout;
         self

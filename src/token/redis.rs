@@ -2,7 +2,7 @@
 //!
 //! A partner that runs many workers should not have every process fetch a token of its own:
 //! token endpoints rate-limit, and the server sees one partner. [`RedisShared`] wraps any
-//! [`TokenSource`] (usually [`ClientCredentials`](crate::ClientCredentials)) and keeps the
+//! [`TokenSource`] (usually [`ClientCredentials`]) and keeps the
 //! current token in Redis, where every process that uses the same [`SharedKey`] reads it.
 //!
 //! Each process still has its layer's in-memory cache on top: requests never touch Redis.
@@ -82,6 +82,15 @@
 //! the refresh margin absorbs the difference. Timeouts, leases and waits run on Tokio's
 //! clock: in a test with paused time, Tokio would skip over a Redis round trip and time it
 //! out, so test with real time, as Redis's own lease expiry needs anyway.
+//!
+#![cfg_attr(
+    feature = "oauth2",
+    doc = "[`ClientCredentials`]: crate::ClientCredentials"
+)]
+#![cfg_attr(
+    not(feature = "oauth2"),
+    doc = "[`ClientCredentials`]: crate#feature-flags"
+)]
 
 use crate::{
     error::{BoxError, Error},
@@ -131,8 +140,7 @@ pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(50);
 ///
 /// Redis sees only a SHA-256 digest of these inputs, and the secret is not one of them;
 /// changing any input gives another key. Get one from
-/// [`ClientCredentials::shared_key`](crate::ClientCredentials::shared_key), or build one for
-/// another source:
+/// [`ClientCredentials::shared_key`], or build one for another source:
 ///
 /// ```
 /// use blaze_auth::token::redis::SharedKey;
@@ -143,6 +151,15 @@ pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(50);
 /// assert_ne!(key.digest(), key.clone().scope("read").digest());
 /// assert_eq!(key.digest().len(), 64);
 /// ```
+///
+#[cfg_attr(
+    feature = "oauth2",
+    doc = "[`ClientCredentials::shared_key`]: crate::ClientCredentials::shared_key"
+)]
+#[cfg_attr(
+    not(feature = "oauth2"),
+    doc = "[`ClientCredentials::shared_key`]: crate#feature-flags"
+)]
 #[derive(Clone, PartialEq, Eq)]
 pub struct SharedKey {
     token_url: Box<str>,
