@@ -88,6 +88,8 @@
 //! | `oauth2` | yes | `ClientCredentials` (client-credentials grant), `BlazeEnv`, `TokenError` |
 //! | `rustls` | yes | the built-in HTTPS client of `ClientCredentials` (hyper-util + rustls, no OpenSSL) |
 //! | `testing` | no | `testing::StandIn`, an embedded Blaze stand-in for tests and demos |
+//! | `redis` | no | `RedisShared`: one token for many processes, kept in Redis |
+//! | `reqwest` | no | `ReqwestService`: the layer over a `reqwest::Client` (module `blaze_auth::reqwest`); picks no TLS backend |
 //!
 //! Without default features the crate is the layer, the cache and the [`TokenSource`] trait:
 //! no HTTP client, no TLS, no JSON.
@@ -112,6 +114,9 @@ mod macros;
 mod metrics;
 mod rejection;
 pub mod replay;
+#[cfg(feature = "reqwest")]
+#[cfg_attr(docsrs, doc(cfg(feature = "reqwest")))]
+pub mod reqwest;
 mod service;
 mod study;
 #[cfg(feature = "testing")]
@@ -145,6 +150,10 @@ pub use crate::{
 #[cfg(feature = "oauth2")]
 #[cfg_attr(docsrs, doc(cfg(feature = "oauth2")))]
 pub use crate::token::oauth2::{BlazeEnv, ClientAuth, ClientCredentials, ClientSecret, TokenError};
+
+#[cfg(feature = "reqwest")]
+#[cfg_attr(docsrs, doc(cfg(feature = "reqwest")))]
+pub use crate::reqwest::{ReqwestFuture, ReqwestService};
 
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]

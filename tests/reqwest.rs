@@ -1,0 +1,189 @@
+//! The layer over a `reqwest::Client` (`ReqwestService`), against the Blaze stand-in over
+//! loopback plain HTTP.
+#![cfg(all(feature = "reqwest", feature = "testing", feature = "oauth2"))]
+
+use blaze_auth::{
+    BlazeAuth, BlazeAuthLayer, BufferBody, ClientCredentials, NoReplay, ReqwestService,
+    testing::{DEMO_CLIENT_ID, DEMO_CLIENT_SECRET, DEMO_STUDY, StandIn},
+};
+use bytes::Bytes;
+use http::{Request, StatusCode};
+use http_body::Frame;
+use http_body_util::StreamBody;
+use std::error::Error as _;
+use tower::{Layer, ServiceExt};
+
+const PARTNER_ID: &str = "partner-1";
+
+async fn stand_in() -> StandIn {
+    StandIn::builder()
+        .require_partner_id(PARTNER_ID)
+        .start()
+        .await
+        .unwrap()
+}
+
+fn layer(stand_in: &StandIn) -> BlazeAuthLayer {
+    let source = ClientCredentials::blaze(&stand_in.base_url(), DEMO_CLIENT_ID, DEMO_CLIENT_SECRET)
+        .build()
+        .unwrap();
+    BlazeAuthLayer::builder(source)
+        .study(DEMO_STUDY)
+        .partner_id(PARTNER_ID)
+        .origin(&stand_in.base_url())
+        .build()
+        .unwrap()
+}
+
+/// The layer over reqwest, in one line.
+fn client<R: Clone>(layer: &BlazeAuthLayer<R>) -> BlazeAuth<ReqwestService, R> {
+    layer.layer(ReqwestService::new(reqwest_client()))
+}
+
+/// A reqwest client with rustls over ring (the dev-dependency's `rustls-no-provider`), the
+/// crypto library the rest of the crate uses.
+fn reqwest_client() -> reqwest::Client {
+    // Err if another test installed it first: the same provider.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::new()
+}
+
+/// A body reqwest cannot clone: two chunks from a stream.
+fn streaming_body() -> reqwest::Body {
+    let chunks = ["{\"resourceType\":", "\"Patient\"}"]
+        .map(|chunk| Ok::<_, std::io::Error>(Frame::data(Bytes::from(chunk))));
+    reqwest::Body::wrap(StreamBody::new(futures_util::stream::iter(chunks)))
+}
+
+#[tokio::test]
+async fn a_revoked_token_mid_run_costs_one_retry_and_one_new_token() {
+    let stand_in = stand_in().await;
+    let layer = layer(&stand_in);
+    let client = client(&layer);
+    let url = format!("{}/Patient?_count=10", stand_in.api_url());
+    for round in 0..6 {
+        if round == 3 {
+            stand_in.revoke_all_tokens();
+        }
+        let request = Request::get(&url).body(Bytes::new()).unwrap();
+        let response = client.clone().oneshot(request).await.unwrap();
+        let response = reqwest::Response::from(response);
+        assert_eq!(response.status(), StatusCode::OK, "round {round}");
+        let bundle: serde_json::Value =
+            serde_json::from_str(&response.text().await.unwrap()).unwrap();
+        assert_eq!(bundle["entry"].as_array().unwrap().len(), 10);
+    }
+    assert_eq!(stand_in.unauthorized_served(), 1);
+    assert_eq!(stand_in.tokens_issued(), 2);
+    let metrics = layer.metrics();
+    assert_eq!((metrics.token_fetches, metrics.retries), (2, 1));
+}
+
+#[tokio::test]
+async fn a_streaming_body_is_not_retried_and_the_next_request_gets_a_new_token() {
+    let stand_in = stand_in().await;
+    let layer = layer(&stand_in).replay(NoReplay);
+    let client = client(&layer);
+    let url = format!("{}/Patient", stand_in.api_url());
+    let get = || Request::get(&url).body(reqwest::Body::from("")).unwrap();
+    assert_eq!(
+        client.clone().oneshot(get()).await.unwrap().status(),
+        StatusCode::OK
+    );
+
+    stand_in.revoke_all_tokens();
+    let post = Request::post(&url).body(streaming_body()).unwrap();
+    let response = client.clone().oneshot(post).await.unwrap();
+    assert_eq!(
+        response.status(),
+        StatusCode::UNAUTHORIZED,
+        "returned as it came"
+    );
+    assert_eq!(stand_in.api_requests(), 2, "not sent again");
+    assert_eq!(layer.metrics().retries, 0);
+
+    assert_eq!(
+        client.oneshot(get()).await.unwrap().status(),
+        StatusCode::OK
+    );
+    assert_eq!(stand_in.tokens_issued(), 2, "the refused token was dropped");
+}
+
+#[tokio::test]
+async fn a_streaming_body_is_replayed_with_buffer_body() {
+    let stand_in = stand_in().await;
+    let layer = layer(&stand_in).replay(BufferBody::default());
+    let client = client(&layer);
+    let url = format!("{}/Patient", stand_in.api_url());
+    let get = Request::get(&url).body(reqwest::Body::from("")).unwrap();
+    assert_eq!(
+        client.clone().oneshot(get).await.unwrap().status(),
+        StatusCode::OK
+    );
+
+    stand_in.revoke_all_tokens();
+    let post = Request::post(&url).body(streaming_body()).unwrap();
+    let response = client.oneshot(post).await.unwrap();
+    // The retry got past the token check: the read-only stand-in refuses the method.
+    assert_eq!(response.status(), StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(stand_in.unauthorized_served(), 1);
+    assert_eq!(layer.metrics().retries, 1);
+}
+
+#[tokio::test]
+async fn responses_convert_back_to_reqwest_with_their_url() {
+    let stand_in = stand_in().await;
+    let client = client(&layer(&stand_in));
+    let url = format!("{}/metadata", stand_in.api_url());
+    let request = Request::get(&url).body("").unwrap();
+    let response = reqwest::Response::from(client.oneshot(request).await.unwrap());
+    assert_eq!(
+        response.url().as_str(),
+        format!("{url}?researchstudy={DEMO_STUDY}")
+    );
+}
+
+#[tokio::test]
+async fn a_url_reqwest_refuses_is_a_typed_inner_error() {
+    let stand_in = stand_in().await;
+    let client = client(&layer(&stand_in));
+    // reqwest needs an absolute URL.
+    let request = Request::get("/Patient").body(Bytes::new()).unwrap();
+    let error = client.oneshot(request).await.unwrap_err();
+    assert!(error.is_inner(), "{error:?}");
+    let reqwest_error = error
+        .source()
+        .and_then(|source| source.downcast_ref::<reqwest::Error>())
+        .expect("the cause is a reqwest::Error");
+    assert!(reqwest_error.is_builder());
+}
+
+#[tokio::test]
+async fn a_failed_connection_is_a_typed_inner_error() {
+    let stand_in = stand_in().await;
+    let layer = layer(&stand_in);
+    let client = client(&layer);
+    // A port nobody listens on.
+    let unused = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = unused.local_addr().unwrap().port();
+    drop(unused);
+    let request = Request::get(format!("http://127.0.0.1:{port}/x"))
+        .body(Bytes::new())
+        .unwrap();
+    let error = client.oneshot(request).await.unwrap_err();
+    let reqwest_error = error.source().unwrap().downcast_ref::<reqwest::Error>();
+    assert!(
+        reqwest_error.is_some_and(reqwest::Error::is_connect),
+        "{error:?}"
+    );
+}
+
+#[test]
+fn the_service_and_its_future_are_send_sync_and_clone() {
+    fn assert_send_sync_clone<T: Send + Sync + Clone>() {}
+    fn assert_send<T: Send>() {}
+    assert_send_sync_clone::<ReqwestService>();
+    assert_send_sync_clone::<BlazeAuth<ReqwestService>>();
+    assert_send::<blaze_auth::ReqwestFuture>();
+    assert_send::<blaze_auth::future::ResponseFuture<ReqwestService, Bytes>>();
+}
