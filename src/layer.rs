@@ -87,6 +87,12 @@ impl BlazeAuthLayer {
 }
 
 impl<R> BlazeAuthLayer<R> {
+    /// The configuration and cache every service made from this layer shares.
+    #[cfg_attr(not(feature = "reqwest-middleware"), allow(dead_code))]
+    pub(crate) fn config(&self) -> &Arc<Config> {
+        &self.config
+    }
+
     /// What the token cache has done so far: fetches, failures, retries, storm-guard skips,
     /// and the current token's age and lifetime. Shared by every service made from this
     /// layer.

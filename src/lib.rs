@@ -90,6 +90,7 @@
 //! | `testing` | no | `testing::StandIn`, an embedded Blaze stand-in for tests and demos |
 //! | `redis` | no | `RedisShared`: one token for many processes, kept in Redis |
 //! | `reqwest` | no | `ReqwestService`: the layer over a `reqwest::Client` (module `blaze_auth::reqwest`); picks no TLS backend |
+//! | `reqwest-middleware` | no | `BlazeMiddleware`: a `reqwest_middleware::Middleware` sharing a layer's token cache |
 //!
 //! Without default features the crate is the layer, the cache and the [`TokenSource`] trait:
 //! no HTTP client, no TLS, no JSON.
@@ -107,6 +108,8 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "reqwest-middleware")]
+mod attempt;
 pub mod blaze;
 mod error;
 mod layer;
@@ -154,6 +157,10 @@ pub use crate::token::oauth2::{BlazeEnv, ClientAuth, ClientCredentials, ClientSe
 #[cfg(feature = "reqwest")]
 #[cfg_attr(docsrs, doc(cfg(feature = "reqwest")))]
 pub use crate::reqwest::{ReqwestFuture, ReqwestService};
+
+#[cfg(feature = "reqwest-middleware")]
+#[cfg_attr(docsrs, doc(cfg(feature = "reqwest-middleware")))]
+pub use crate::reqwest::BlazeMiddleware;
 
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]

@@ -1,4 +1,5 @@
-//! With reqwest: the layer over a [`reqwest::Client`].
+//! With reqwest: the layer over a [`reqwest::Client`], and (feature `reqwest-middleware`)
+//! `BlazeMiddleware`, the same work as a `reqwest_middleware::Middleware`.
 //!
 //! `reqwest::Client` is a `tower::Service<reqwest::Request>`; the layer speaks
 //! `http::Request`. [`ReqwestService`] bridges the two, so the layer wraps a client in one
@@ -55,6 +56,13 @@
 //! `x-partnerid`. To keep every credential on the origins you named, build the client with
 //! `.redirect(reqwest::redirect::Policy::none())`, or follow redirects outside the layer
 //! with tower-http's `FollowRedirectLayer`.
+
+#[cfg(feature = "reqwest-middleware")]
+mod middleware;
+
+#[cfg(feature = "reqwest-middleware")]
+#[cfg_attr(docsrs, doc(cfg(feature = "reqwest-middleware")))]
+pub use self::middleware::BlazeMiddleware;
 
 use crate::replay::ReplayBody;
 use http::{Request, Response};
