@@ -931,6 +931,109 @@ async fn random_unauthorized_hits_a_share_of_requests_and_can_be_turned_off() {
     assert_eq!(stand_in.unauthorized_served(), 2 * unauthorized as u64);
 }
 
+#[tokio::test]
+async fn page_failures_hit_that_page_of_searches_only_then_it_is_served() {
+    let stand_in = StandIn::builder()
+        .fail_page(3, 1, ApiFailure::Status(StatusCode::SERVICE_UNAVAILABLE))
+        .fail_page(
+            3,
+            1,
+            ApiFailure::TooManyRequests {
+                retry_after: Duration::from_millis(1500),
+            },
+        )
+        .fail_page(1, 1, ApiFailure::Unauthorized)
+        .start()
+        .await
+        .unwrap();
+    let token = fetch_token(&stand_in).await;
+    let search = |page: &str| format!("Patient?researchstudy=FHIR-T&_count=50{page}");
+
+    // Neither a read, metadata, nor another page meets a page-3 failure.
+    let read = get(
+        &stand_in,
+        "Patient/p-0003?researchstudy=FHIR-T",
+        Some(&token),
+    )
+    .await;
+    let metadata = get(&stand_in, "metadata?researchstudy=FHIR-T", Some(&token)).await;
+    let second = get(&stand_in, &search("&page=2"), Some(&token)).await;
+    // A search without `page` asks for page 1.
+    let first = get(&stand_in, &search(""), Some(&token)).await;
+    let first_again = get(&stand_in, &search(""), Some(&token)).await;
+    let third = get(&stand_in, &search("&page=3"), Some(&token)).await;
+    let third_again = get(&stand_in, &search("&page=3"), Some(&token)).await;
+    let third_at_last = get(&stand_in, &search("&page=3"), Some(&token)).await;
+
+    for answer in [&read, &metadata, &second, &first_again, &third_at_last] {
+        assert_eq!(answer.status, StatusCode::OK, "{:?}", answer.body);
+    }
+    assert_invalid_token(&first);
+    assert_outcome(&third, StatusCode::SERVICE_UNAVAILABLE, "exception");
+    assert_outcome(&third_again, StatusCode::TOO_MANY_REQUESTS, "throttled");
+    assert_eq!(third_again.headers[RETRY_AFTER], "2");
+    assert_eq!(third_at_last.json()["entry"][0]["resource"]["id"], "p-0101");
+    assert_eq!(stand_in.api_requests(), 8);
+}
+
+#[tokio::test]
+async fn misstated_total_is_off_by_the_delta_and_the_pages_are_unchanged() {
+    let over = StandIn::builder().misstate_total(13).start().await.unwrap();
+    let under = StandIn::builder()
+        .misstate_total(-1000)
+        .start()
+        .await
+        .unwrap();
+
+    let over = get(
+        &over,
+        "Patient?researchstudy=FHIR-T&_count=100",
+        Some(&fetch_token(&over).await),
+    )
+    .await;
+    let under = get(
+        &under,
+        "Patient?researchstudy=FHIR-T&_count=100",
+        Some(&fetch_token(&under).await),
+    )
+    .await;
+
+    assert_eq!(over.json()["total"], 263);
+    assert_eq!(under.json()["total"], 0, "never below zero");
+    for answer in [&over, &under] {
+        assert_eq!(answer.json()["entry"].as_array().unwrap().len(), 100);
+        assert!(link(&answer.json(), "next").unwrap().contains("page=2"));
+    }
+}
+
+#[tokio::test]
+async fn foreign_next_link_points_elsewhere_on_its_page_only() {
+    let stand_in = StandIn::builder()
+        .foreign_next_link(2, "http://elsewhere.example:8080/")
+        .start()
+        .await
+        .unwrap();
+    let token = fetch_token(&stand_in).await;
+    let page = |n: usize| format!("Patient?researchstudy=FHIR-T&_count=100&page={n}");
+
+    let first = get(&stand_in, &page(1), Some(&token)).await.json();
+    let second = get(&stand_in, &page(2), Some(&token)).await.json();
+
+    let foreign = link(&second, "next").unwrap();
+    let home = link(&first, "next").unwrap();
+    assert!(home.starts_with(&stand_in.api_url()), "{home}");
+    assert_eq!(
+        foreign,
+        link(&second, "last")
+            .unwrap()
+            .replace(&stand_in.base_url(), "http://elsewhere.example:8080")
+    );
+    for relation in ["self", "first", "last", "previous"] {
+        let url = link(&second, relation).unwrap();
+        assert!(url.starts_with(&stand_in.base_url()), "{relation}: {url}");
+    }
+}
+
 // ---- counters and lifecycle ----
 
 #[tokio::test]

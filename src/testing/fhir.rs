@@ -5,7 +5,7 @@ use super::{
     API_PATH, ApiFailure, Shared,
     data::Resource,
     lock,
-    server::{Reply, ResetConnection, json_response, response},
+    server::{Reply, ResetConnection, json_response, response, with_retry_after},
     token::{Client, TokenCheck},
 };
 use bytes::Bytes;
@@ -43,15 +43,19 @@ pub(super) fn handle(request: &Request<Incoming>, shared: &Shared) -> Reply {
 }
 
 fn answer(request: &Request<Incoming>, shared: &Shared) -> Reply {
-    if let Some(failure) = shared.api_failures.next() {
+    let failure = shared.api_failures.next().or_else(|| {
+        let page = search_page(request)?;
+        shared.paging.page_failures.next(page)
+    });
+    if let Some(failure) = failure {
         return match failure {
             ApiFailure::Unauthorized => Ok(invalid_token("the access token was rejected")),
-            ApiFailure::Status(status) => Ok(outcome(
-                status,
-                issue_code(status),
-                "failure injected by the stand-in",
-            )),
+            ApiFailure::Status(status) => Ok(injected(status)),
             ApiFailure::Reset => Err(ResetConnection),
+            ApiFailure::TooManyRequests { retry_after } => Ok(with_retry_after(
+                injected(StatusCode::TOO_MANY_REQUESTS),
+                retry_after,
+            )),
         };
     }
     if lock(&shared.random_unauthorized).draw() {
@@ -139,6 +143,20 @@ fn serve(request: &Request<Incoming>, shared: &Shared) -> Response<Full<Bytes>> 
     }
 }
 
+/// The `page` a search request asks for (1 when absent), or `None` if the request is not a
+/// search or its `page` is not a positive integer.
+fn search_page(request: &Request<Incoming>) -> Option<usize> {
+    let path = request.uri().path()[API_PATH.len()..].trim_start_matches('/');
+    if path.is_empty() || path.contains('/') || path == "metadata" {
+        return None;
+    }
+    let params: Vec<(String, String)> =
+        form_urlencoded::parse(request.uri().query().unwrap_or_default().as_bytes())
+            .into_owned()
+            .collect();
+    positive_param(&params, "page", 1)
+}
+
 /// The client of the request's bearer token, or why there is none.
 fn authorize(headers: &HeaderMap, shared: &Shared) -> Result<Arc<Client>, &'static str> {
     let token = bearer_token(headers).ok_or("no bearer token")?;
@@ -197,10 +215,16 @@ fn search<R: Resource>(
                 .all(|(name, value)| resource.matches(name, value).unwrap_or(true))
         })
         .collect();
-    let total = found.len();
-    let last = total.div_ceil(count).max(1);
+    let found_count = found.len();
+    let last = found_count.div_ceil(count).max(1);
 
     let resource_url = format!("{}/{}", shared.api_url(), R::TYPE);
+    let next_url = match &shared.paging.foreign_next {
+        Some((foreign_page, origin)) if *foreign_page == page => {
+            format!("{origin}{API_PATH}/{}", R::TYPE)
+        }
+        _ => resource_url.clone(),
+    };
     // The links keep every parameter as the client sent it, in its order, and add the
     // partner id (when required), `_count` and `page`, as Blaze v2 does.
     let kept: Vec<&(String, String)> = params
@@ -211,7 +235,7 @@ fn search<R: Resource>(
                 && !(shared.partner_id.is_some() && name == PARTNER_ID)
         })
         .collect();
-    let page_url = |page: usize| {
+    let page_url = |resource_url: &str, page: usize| {
         let mut query = form_urlencoded::Serializer::new(String::new());
         for (name, value) in &kept {
             query.append_pair(name, value);
@@ -224,11 +248,14 @@ fn search<R: Resource>(
         format!("{resource_url}?{}", query.finish())
     };
     let link = [
-        Link::new("self", Some(page_url(page))),
-        Link::new("first", Some(page_url(1))),
-        Link::new("last", Some(page_url(last))),
-        Link::new("previous", (page > 1).then(|| page_url(page - 1))),
-        Link::new("next", (page < last).then(|| page_url(page + 1))),
+        Link::new("self", Some(page_url(&resource_url, page))),
+        Link::new("first", Some(page_url(&resource_url, 1))),
+        Link::new("last", Some(page_url(&resource_url, last))),
+        Link::new(
+            "previous",
+            (page > 1).then(|| page_url(&resource_url, page - 1)),
+        ),
+        Link::new("next", (page < last).then(|| page_url(&next_url, page + 1))),
     ];
     let entry = found
         .into_iter()
@@ -243,7 +270,7 @@ fn search<R: Resource>(
     let bundle = Bundle {
         resource_type: "Bundle",
         kind: "searchset",
-        total,
+        total: found_count.saturating_add_signed(shared.paging.total_delta),
         link,
         entry,
     };
@@ -308,6 +335,15 @@ struct Issue<'a> {
     severity: &'static str,
     code: &'static str,
     diagnostics: &'a str,
+}
+
+/// The response to a failure injected with `status`.
+fn injected(status: StatusCode) -> Response<Full<Bytes>> {
+    outcome(
+        status,
+        issue_code(status),
+        "failure injected by the stand-in",
+    )
 }
 
 /// An error response: `status` with an `OperationOutcome` of one issue.

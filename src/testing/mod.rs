@@ -20,8 +20,9 @@
 //! are absolute and carry every search parameter, `researchstudy` included, as Blaze's do.
 //!
 //! Test controls make the server misbehave on purpose ([`StandIn::fail_token_requests`],
-//! [`StandIn::fail_api_requests`], [`StandIn::set_random_unauthorized`]) or invalidate the
-//! tokens it issued ([`StandIn::revoke_all_tokens`], [`StandIn::expire_all_tokens`]); counters
+//! [`StandIn::fail_api_requests`], [`StandIn::set_random_unauthorized`]; at start,
+//! [`StandInBuilder::fail_page`], [`StandInBuilder::misstate_total`],
+//! [`StandInBuilder::foreign_next_link`]) or invalidate the tokens it issued ([`StandIn::revoke_all_tokens`], [`StandIn::expire_all_tokens`]); counters
 //! tell what it saw. Token expiry is measured on Tokio's clock, so tests with paused time can
 //! let tokens run out.
 //!
@@ -281,6 +282,7 @@ pub struct StandInBuilder {
     token_lifetime: Duration,
     partner_id: Option<String>,
     patients: usize,
+    paging: Paging,
 }
 
 impl StandInBuilder {
@@ -295,6 +297,7 @@ impl StandInBuilder {
             token_lifetime: DEFAULT_TOKEN_LIFETIME,
             partner_id: None,
             patients: DEFAULT_PATIENTS,
+            paging: Paging::default(),
         }
     }
 
@@ -333,6 +336,33 @@ impl StandInBuilder {
         self
     }
 
+    /// Makes the first `times` requests for page `page` of any search (the `page` parameter,
+    /// 1 when absent) fail as `failure` says, before any check, as a gateway in front of
+    /// Blaze might: for example a 503 on page 3, then a good page 3 when the client asks
+    /// again. Each call adds a failure; failures for one page are served in the order they
+    /// were added. Default: none.
+    pub fn fail_page(self, page: usize, times: usize, failure: ApiFailure) -> Self {
+        self.paging.page_failures.push(page, times, failure);
+        self
+    }
+
+    /// Makes every search Bundle state a `total` that is `delta` off the number of resources
+    /// the search finds (never below zero), as a server whose paging loses resources would
+    /// appear to a client that counts. Default: 0, the true total.
+    pub fn misstate_total(mut self, delta: isize) -> Self {
+        self.paging.total_delta = delta;
+        self
+    }
+
+    /// Makes the `next` link of page `page` of every search point to `origin` (scheme, host
+    /// and, if any, port, e.g. `http://127.0.0.1:8080`) instead of the stand-in, path and
+    /// query unchanged: a link a client must not follow with its credentials. Blaze never
+    /// does this. Default: every link points to the stand-in.
+    pub fn foreign_next_link(mut self, page: usize, origin: &str) -> Self {
+        self.paging.foreign_next = Some((page, origin.trim_end_matches('/').to_owned()));
+        self
+    }
+
     /// Binds a port on `127.0.0.1` and starts serving.
     ///
     /// # Errors
@@ -358,6 +388,7 @@ impl StandInBuilder {
             token_lifetime: self.token_lifetime,
             partner_id: self.partner_id,
             dataset: data::Dataset::generate(self.patients),
+            paging: self.paging,
             tokens: Mutex::new(token::TokenStore::new(token_seed)),
             token_failures: FailureQueue::new(),
             api_failures: FailureQueue::new(),
@@ -380,6 +411,7 @@ impl fmt::Debug for StandInBuilder {
             .field("token_lifetime", &self.token_lifetime)
             .field("partner_id", &self.partner_id)
             .field("patients", &self.patients)
+            .field("paging", &self.paging)
             .finish()
     }
 }
@@ -421,6 +453,50 @@ pub enum ApiFailure {
     Status(http::StatusCode),
     /// Takes the request and resets the TCP connection (RST) without answering.
     Reset,
+    /// Answers 429 with an `OperationOutcome` and a `Retry-After` header of this many
+    /// seconds, rounded up.
+    TooManyRequests {
+        /// How long the client is told to wait.
+        retry_after: Duration,
+    },
+}
+
+/// How searches page, as [`StandInBuilder`] set it up.
+#[derive(Debug, Default)]
+struct Paging {
+    page_failures: PageFailures,
+    /// Added to the true `total` of every search Bundle.
+    total_delta: isize,
+    /// The page whose `next` link points to another origin, and that origin.
+    foreign_next: Option<(usize, String)>,
+}
+
+/// Failures for given search pages, each for a number of requests.
+#[derive(Debug, Default)]
+struct PageFailures {
+    /// Page, how many more requests for it fail, and how; the count is never zero.
+    pending: Mutex<Vec<(usize, usize, ApiFailure)>>,
+}
+
+impl PageFailures {
+    fn push(&self, page: usize, times: usize, failure: ApiFailure) {
+        if times > 0 {
+            lock(&self.pending).push((page, times, failure));
+        }
+    }
+
+    /// The failure for a request for `page`, if any.
+    fn next(&self, page: usize) -> Option<ApiFailure> {
+        let mut pending = lock(&self.pending);
+        let index = pending.iter().position(|(p, _, _)| *p == page)?;
+        let (_, remaining, failure) = &mut pending[index];
+        *remaining -= 1;
+        let failure = failure.clone();
+        if *remaining == 0 {
+            pending.remove(index);
+        }
+        Some(failure)
+    }
 }
 
 /// What the server's tasks share with the [`StandIn`].
@@ -431,6 +507,7 @@ struct Shared {
     token_lifetime: Duration,
     partner_id: Option<String>,
     dataset: data::Dataset,
+    paging: Paging,
     tokens: Mutex<token::TokenStore>,
     token_failures: FailureQueue<TokenFailure>,
     api_failures: FailureQueue<ApiFailure>,
@@ -555,6 +632,29 @@ mod tests {
             Some(ApiFailure::Status(http::StatusCode::BAD_GATEWAY))
         );
         assert_eq!(queue.next(), None);
+    }
+
+    #[test]
+    fn page_failures_serve_each_page_its_own_in_order() {
+        let failures = PageFailures::default();
+        failures.push(
+            3,
+            2,
+            ApiFailure::Status(http::StatusCode::SERVICE_UNAVAILABLE),
+        );
+        failures.push(2, 0, ApiFailure::Reset);
+        failures.push(3, 1, ApiFailure::Unauthorized);
+
+        assert_eq!(failures.next(2), None);
+        assert_eq!(failures.next(1), None);
+        for _ in 0..2 {
+            assert_eq!(
+                failures.next(3),
+                Some(ApiFailure::Status(http::StatusCode::SERVICE_UNAVAILABLE))
+            );
+        }
+        assert_eq!(failures.next(3), Some(ApiFailure::Unauthorized));
+        assert_eq!(failures.next(3), None);
     }
 
     #[test]

@@ -2,7 +2,10 @@
 
 use super::{API_PATH, Shared, TOKEN_PATH, fhir, lock, token};
 use bytes::Bytes;
-use http::{HeaderValue, Request, Response, StatusCode, header::CONTENT_TYPE};
+use http::{
+    HeaderValue, Request, Response, StatusCode,
+    header::{CONTENT_TYPE, RETRY_AFTER},
+};
 use http_body_util::Full;
 use hyper::{body::Incoming, server::conn::http1, service::service_fn};
 use hyper_util::rt::TokioIo;
@@ -143,6 +146,16 @@ pub(super) fn response(
     response
         .headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
+}
+
+/// Adds `Retry-After: <seconds>` to `response`, `retry_after` rounded up to whole seconds.
+pub(super) fn with_retry_after(
+    mut response: Response<Full<Bytes>>,
+    retry_after: Duration,
+) -> Response<Full<Bytes>> {
+    let seconds = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+    response.headers_mut().insert(RETRY_AFTER, seconds.into());
     response
 }
 

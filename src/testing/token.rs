@@ -3,14 +3,12 @@
 
 use super::{
     Shared, SplitMix64, TokenFailure, lock,
-    server::{Reply, ResetConnection, json_response, response},
+    server::{Reply, ResetConnection, json_response, response, with_retry_after},
 };
 use bytes::Bytes;
 use http::{
     HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode,
-    header::{
-        ALLOW, AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE, PRAGMA, RETRY_AFTER, WWW_AUTHENTICATE,
-    },
+    header::{ALLOW, AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE, PRAGMA, WWW_AUTHENTICATE},
 };
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
@@ -157,16 +155,14 @@ pub(super) async fn handle(request: Request<Incoming>, shared: &Shared) -> Reply
     };
     match failure {
         TokenFailure::Status(status) => Ok(gateway_page(status)),
-        TokenFailure::TooManyRequests { retry_after } => {
-            let seconds = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
-            let mut response = response(
+        TokenFailure::TooManyRequests { retry_after } => Ok(with_retry_after(
+            response(
                 StatusCode::TOO_MANY_REQUESTS,
                 "text/plain",
                 Bytes::from_static(b"Too Many Requests"),
-            );
-            response.headers_mut().insert(RETRY_AFTER, seconds.into());
-            Ok(response)
-        }
+            ),
+            retry_after,
+        )),
         TokenFailure::Slow(delay) => {
             tokio::time::sleep(delay).await;
             Ok(grant(request, shared).await)
