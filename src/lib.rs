@@ -91,6 +91,7 @@
 //! | `redis` | no | `RedisShared`: one token for many processes, kept in Redis |
 //! | `reqwest` | no | `ReqwestService`: the layer over a `reqwest::Client` (module `blaze_auth::reqwest`); picks no TLS backend |
 //! | `reqwest-middleware` | no | `BlazeMiddleware`: a `reqwest_middleware::Middleware` sharing a layer's token cache |
+//! | `metrics` | no | counters, a histogram and a gauge through the `metrics` facade, under Prometheus names |
 //!
 //! Without default features the crate is the layer, the cache and the [`TokenSource`] trait:
 //! no HTTP client, no TLS, no JSON.
@@ -153,6 +154,10 @@ pub use crate::{
 #[cfg(feature = "oauth2")]
 #[cfg_attr(docsrs, doc(cfg(feature = "oauth2")))]
 pub use crate::token::oauth2::{BlazeEnv, ClientAuth, ClientCredentials, ClientSecret, TokenError};
+
+#[cfg(feature = "metrics")]
+#[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
+pub use crate::metrics::describe_metrics;
 
 #[cfg(feature = "reqwest")]
 #[cfg_attr(docsrs, doc(cfg(feature = "reqwest")))]
