@@ -144,7 +144,7 @@ async fn a_failed_connection_is_a_typed_inner_error() {
     let unused = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = unused.local_addr().unwrap().port();
     drop(unused);
-    let request = Request::get(format!("http://127.0.0.1:{port}/x"))
+    let request = Request::get(format!("http://127.0.0.1:{port}/Patient?identifier=MRN-1"))
         .body(Bytes::new())
         .unwrap();
     let error = client.oneshot(request).await.unwrap_err();
@@ -153,6 +153,14 @@ async fn a_failed_connection_is_a_typed_inner_error() {
         reqwest_error.is_some_and(reqwest::Error::is_connect),
         "{error:?}"
     );
+    // No URL in what a log line would print: a search's query can identify a patient.
+    let mut printed = format!("{error} {error:?}");
+    let mut source = error.source();
+    while let Some(cause) = source {
+        printed += &format!(" {cause} {cause:?}");
+        source = cause.source();
+    }
+    assert!(!printed.contains("MRN-1"), "{printed}");
 }
 
 #[test]

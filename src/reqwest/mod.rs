@@ -41,7 +41,9 @@
 //! # Errors
 //!
 //! The service's error is [`reqwest::Error`]: a request reqwest refuses (a URI that is not an
-//! absolute URL: give the full URL, as reqwest wants) or a failed sending. Through the layer
+//! absolute URL: give the full URL, as reqwest wants) or a failed sending. It carries no URL
+//! (reqwest's would print it, query and all, and a FHIR search's parameters can identify a
+//! patient): log the URL yourself where that is allowed. Through the layer
 //! it is a [`blaze_auth::Error`](crate::Error) for which
 //! [`is_inner`](crate::Error::is_inner) holds, with the `reqwest::Error` as its
 //! [`source`](std::error::Error::source):
@@ -132,7 +134,9 @@ where
             Ok(request) => State::Sending {
                 future: self.client.call(request),
             },
-            Err(error) => State::Refused { error: Some(error) },
+            Err(error) => State::Refused {
+                error: Some(error.without_url()),
+            },
         };
         ReqwestFuture { state }
     }
@@ -162,7 +166,7 @@ impl Future for ReqwestFuture {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().state.project() {
             StateProj::Sending { future } => {
-                let response = ready!(future.poll(cx))?;
+                let response = ready!(future.poll(cx)).map_err(::reqwest::Error::without_url)?;
                 Poll::Ready(Ok(into_http(response)))
             }
             StateProj::Refused { error } => {
