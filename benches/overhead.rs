@@ -51,7 +51,7 @@ use tower::{Layer, Service, ServiceExt};
 use tower_http::auth::AddAuthorization;
 
 /// A next-page link as Blaze sends it: the study is in it already.
-const PAGING_LINK: &str = "https://blaze.example/msk-apim/external/v2/crit/blaze/api/Observation?researchstudy=FHIR-T&_count=50&__t=17&__page-id=AAAAAAAAAAA";
+const PAGING_LINK: &str = "https://apigateway.apps.stageapi.mskcc.org/msk-apim/external/v2/crit/blaze/api/Observation?researchstudy=FHIR-T&_count=50&__t=17&__page-id=AAAAAAAAAAA";
 /// Requests built ahead of one timed stretch.
 const CHUNK: u64 = 1024;
 /// Requests whose allocations are counted.

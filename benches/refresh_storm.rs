@@ -122,9 +122,12 @@ fn storm(rt: &Runtime, n: usize, kind: Kind) -> Duration {
         let fetches = Arc::new(AtomicUsize::new(0));
         let source = source(Arc::clone(&fetches), kind == Kind::Storm);
         let service = BlazeAuthLayer::new(source, STUDY).layer(Ok200);
-        // The first fetch: the cache now holds a token, valid or expired.
+        // The first fetch: the cache now holds a token, valid or (after its 10 ms)
+        // expired. Not one expired on arrival: the cache holds such a token for the fetch
+        // cool-down rather than fetch again at once.
         let first = service.clone().oneshot(get(Full::new(Bytes::new())));
         first.await.expect("200");
+        tokio::time::sleep(Duration::from_millis(12)).await;
         let elapsed = release(n, service).await;
         let storm_fetches = fetches.load(Ordering::SeqCst) - 1;
         assert_eq!(
@@ -172,15 +175,17 @@ where
     start.elapsed()
 }
 
-/// Counts its fetches. The first token comes at once, expired if `first_expired`; later ones
-/// take [`FETCH`] to come. Tokens live an hour.
+/// Counts its fetches. The first token comes at once, living 10 ms if `first_expired`; later
+/// ones take [`FETCH`] to come. Tokens live an hour.
 fn source(fetches: Arc<AtomicUsize>, first_expired: bool) -> impl TokenSource + 'static {
     token_fn(move |_| {
         let first = fetches.fetch_add(1, Ordering::SeqCst) == 0;
         async move {
             let token = AccessToken::bearer(TOKEN)?;
             if first && first_expired {
-                return Ok::<_, blaze_auth::Error>(token.with_expires_in(Duration::ZERO));
+                return Ok::<_, blaze_auth::Error>(
+                    token.with_expires_in(Duration::from_millis(10)),
+                );
             }
             if !first {
                 tokio::time::sleep(FETCH).await;

@@ -1,11 +1,12 @@
 //! A fleet of processes against one token endpoint, with and without `RedisShared`: prints
 //! the token fetches per minute of each run.
 //!
-//! Each simulated process has its own layer (its own in-memory token cache), its own
-//! `ClientCredentials` and, in the second run, its own `RedisShared` with its own Redis
-//! connection; they run as tasks against the embedded Blaze stand-in, whose tokens live a few
-//! seconds so that the runs are short. Redis is `REDIS_URL` if set, else a `redis-server`
-//! started on a free port (and stopped at the end).
+//! The fleet is made of real OS processes: this example runs itself again once per process
+//! (`fleet --process ...`), and each child has its own runtime, layer (its own in-memory
+//! token cache), `ClientCredentials` and, in the second run, its own `RedisShared` with its
+//! own Redis connection. They all talk to the embedded Blaze stand-in, which runs in the
+//! parent and whose tokens live a few seconds so that the runs are short. Redis is
+//! `REDIS_URL` if set, else a `redis-server` started on a free port (and stopped at the end).
 //!
 //! `cargo run --example fleet --features redis -- [PROCESSES] [SECONDS]` (default 8, 10)
 
@@ -24,7 +25,7 @@ use std::{
     process::{Child, Command, Stdio},
     time::Duration,
 };
-use tokio::{task::JoinSet, time::Instant};
+use tokio::time::Instant;
 use tower::{Layer, ServiceExt};
 
 /// How long the stand-in's tokens live: the layer refreshes them at half that.
@@ -40,7 +41,11 @@ async fn main() {
 
 async fn run() -> Result<(), BoxError> {
     let mut args = std::env::args().skip(1);
-    let processes: usize = args.next().map_or(Ok(8), |n| n.parse())?;
+    let first = args.next();
+    if first.as_deref() == Some("--process") {
+        return process_main(args).await;
+    }
+    let processes: usize = first.map_or(Ok(8), |n| n.parse())?;
     let seconds: u64 = args.next().map_or(Ok(10), |n| n.parse())?;
     let run_for = Duration::from_secs(seconds);
 
@@ -63,29 +68,40 @@ async fn run() -> Result<(), BoxError> {
     let mut per_minute = Vec::new();
     for shared in [false, true] {
         let before = stand_in.tokens_issued();
-        let mut fleet = JoinSet::new();
+        let mut fleet = Vec::new();
         for _ in 0..processes {
-            let source =
-                ClientCredentials::blaze(&stand_in.base_url(), DEMO_CLIENT_ID, DEMO_CLIENT_SECRET)
-                    .build()?;
-            let client = if shared {
-                let key = source.shared_key();
-                let shared = RedisShared::builder(source, key)
-                    .redis_url(&redis_url)
-                    // A fresh key space per run of the example.
-                    .key_prefix(&format!("blaze-auth-fleet-{}:", std::process::id()))
-                    .build()?;
-                process(shared)
+            let redis = if shared {
+                // A fresh key space per run of the example.
+                let prefix = format!("blaze-auth-fleet-{}:", std::process::id());
+                vec![redis_url.clone(), prefix]
             } else {
-                process(source)
+                Vec::new()
             };
-            let api_url = stand_in.api_url();
-            fleet.spawn(requests(client, api_url, run_for));
+            let child = Command::new(std::env::current_exe()?)
+                .arg("--process")
+                .arg(stand_in.base_url())
+                .arg(stand_in.api_url())
+                .arg(seconds.to_string())
+                .args(redis)
+                .stdout(Stdio::piped())
+                .spawn()?;
+            fleet.push(child);
         }
-        let mut requests = 0;
-        while let Some(process) = fleet.join_next().await {
-            requests += process??;
-        }
+        // The children run while the stand-in serves them from this runtime.
+        let requests = tokio::task::spawn_blocking(move || {
+            let mut requests = 0;
+            for child in fleet {
+                let output = child.wait_with_output()?;
+                if !output.status.success() {
+                    return Err(format!("a process failed: {}", output.status).into());
+                }
+                requests += String::from_utf8_lossy(&output.stdout)
+                    .trim()
+                    .parse::<u64>()?;
+            }
+            Ok::<_, BoxError>(requests)
+        })
+        .await??;
         let fetches = stand_in.tokens_issued() - before;
         let rate = fetches as f64 * 60.0 / run_for.as_secs_f64();
         per_minute.push(rate);
@@ -102,6 +118,29 @@ async fn run() -> Result<(), BoxError> {
         "the shared cache fetched {:.1}x fewer tokens",
         per_minute[0] / per_minute[1].max(f64::MIN_POSITIVE)
     );
+    Ok(())
+}
+
+/// One process of the fleet: `--process STAND_IN_URL API_URL SECONDS [REDIS_URL KEY_PREFIX]`;
+/// prints how many requests it made.
+async fn process_main(mut args: impl Iterator<Item = String>) -> Result<(), BoxError> {
+    let stand_in = args.next().ok_or("no stand-in URL")?;
+    let api_url = args.next().ok_or("no API URL")?;
+    let seconds: u64 = args.next().ok_or("no duration")?.parse()?;
+    let source = ClientCredentials::blaze(&stand_in, DEMO_CLIENT_ID, DEMO_CLIENT_SECRET).build()?;
+    let client = match (args.next(), args.next()) {
+        (Some(redis_url), Some(prefix)) => {
+            let key = source.shared_key();
+            let shared = RedisShared::builder(source, key)
+                .redis_url(&redis_url)
+                .key_prefix(&prefix)
+                .build()?;
+            process(shared)
+        }
+        _ => process(source),
+    };
+    let done = requests(client, api_url, Duration::from_secs(seconds)).await?;
+    println!("{done}");
     Ok(())
 }
 

@@ -30,8 +30,9 @@ impl Authenticator {
         Self { config }
     }
 
-    /// Whether requests to `uri` get credentials (the layer's origin scope).
-    pub(crate) fn authenticates(&self, uri: &Uri) -> bool {
+    /// Whether requests to `uri` get credentials (the layer's credential scope); an error for
+    /// plain `http` the scope does not allow.
+    pub(crate) fn authenticates(&self, uri: &Uri) -> Result<bool, Error> {
         self.config.authenticates(uri)
     }
 

@@ -35,7 +35,14 @@ enum Kind {
     Tls,
     NoHttpClient,
     InvalidKey,
-    Env { var: &'static str, missing: bool },
+    ReservedParam {
+        name: &'static str,
+        instead: &'static str,
+    },
+    Env {
+        var: &'static str,
+        missing: bool,
+    },
 }
 
 /// A cause, owned by this error or shared with the other waiters of one token fetch.
@@ -85,9 +92,13 @@ impl Error {
         Self::new(Kind::InvalidUrl, source.map(Source::Owned))
     }
 
-    #[cfg(feature = "oauth2")]
     pub(crate) fn insecure_url() -> Self {
         Self::new(Kind::InsecureUrl, None)
+    }
+
+    #[cfg(feature = "oauth2")]
+    pub(crate) fn reserved_param(name: &'static str, instead: &'static str) -> Self {
+        Self::new(Kind::ReservedParam { name, instead }, None)
     }
 
     #[cfg(feature = "redis")]
@@ -181,6 +192,14 @@ impl Error {
         self.kind == Kind::InvalidKey
     }
 
+    /// A form parameter given to [`ClientCredentialsBuilder::param`](crate::token::oauth2::ClientCredentialsBuilder::param)
+    /// is one the client sets itself (`grant_type`, `scope`, `client_id`, `client_secret`,
+    /// in any case): RFC 6749 forbids sending a parameter twice. The message names it and
+    /// the method that sets it.
+    pub fn is_reserved_param(&self) -> bool {
+        matches!(self.kind, Kind::ReservedParam { .. })
+    }
+
     /// A required `BLAZE_*` environment variable is not set, or is not valid unicode; the
     /// message names it.
     pub fn is_env(&self) -> bool {
@@ -204,6 +223,9 @@ impl fmt::Display for Error {
             Kind::Tls => "could not set up TLS",
             Kind::NoHttpClient => "no HTTP client for the token request",
             Kind::InvalidKey => "encryption key is not 32 bytes in base64",
+            Kind::ReservedParam { name, instead } => {
+                return write!(f, "form parameter {name} is set by the client: {instead}");
+            }
             Kind::Env { var, missing } => {
                 let problem = if missing {
                     "is not set"

@@ -4,6 +4,7 @@ use crate::{
     error::{BoxError, Error},
     metrics::Metrics,
     replay::CloneBody,
+    scope::{Decision, Origin, Scope},
     service::BlazeAuth,
     study::ResearchStudy,
     token::{
@@ -34,7 +35,9 @@ pub const DEFAULT_STORM_WINDOW: Duration = Duration::from_secs(30);
 /// It wraps a service in [`BlazeAuth`], which adds `Authorization: Bearer <token>`, the
 /// `researchstudy` query parameter and any fixed headers to each request, and on a 401 fetches
 /// a new token and sends the request once more. All services made from one layer, and all
-/// their clones, share one token cache. See the [crate docs](crate) for examples.
+/// their clones, share one token cache. Only requests in its credential scope get any of
+/// that: by default Blaze's gateways and loopback hosts (see [`Builder::origin`]). See the
+/// [crate docs](crate) for examples.
 pub struct BlazeAuthLayer<R = CloneBody> {
     config: Arc<Config>,
     replay: R,
@@ -43,8 +46,10 @@ pub struct BlazeAuthLayer<R = CloneBody> {
 /// What a layer adds to requests, and the cache its tokens come from.
 pub(crate) struct Config {
     pub(crate) cache: Arc<TokenCache>,
-    /// The origins credentials go to; empty: every origin.
-    origins: Vec<Origin>,
+    /// The origins credentials go to.
+    scope: Scope,
+    /// Whether plain `http` to a host that is not loopback may get credentials.
+    allow_http: bool,
     study: Option<ResearchStudy>,
     headers: HeaderMap,
     idempotent_only: bool,
@@ -71,6 +76,8 @@ impl BlazeAuthLayer {
             source: Box::new(source),
             study: None,
             origins: Vec::new(),
+            any_origin: false,
+            allow_http: false,
             headers: HeaderMap::new(),
             error: None,
             cache: CacheConfig {
@@ -136,38 +143,14 @@ impl<R: fmt::Debug> fmt::Debug for BlazeAuthLayer<R> {
     }
 }
 
-/// Scheme, host and port, the port made explicit.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Origin {
-    scheme: Box<str>,
-    host: Box<str>,
-    port: u16,
-}
-
-impl Origin {
-    fn of(uri: &Uri) -> Option<Self> {
-        let scheme = uri.scheme_str()?.to_ascii_lowercase();
-        let port = uri.port_u16().or(match scheme.as_str() {
-            "https" => Some(443),
-            "http" => Some(80),
-            _ => None,
-        })?;
-        Some(Self {
-            host: uri.host()?.to_ascii_lowercase().into(),
-            scheme: scheme.into(),
-            port,
-        })
-    }
-}
-
 impl Config {
     /// Whether requests to `uri` get credentials: relative URIs do (the inner service picks
-    /// their origin, as a tonic channel does); absolute ones only to a configured origin.
-    pub(crate) fn authenticates(&self, uri: &Uri) -> bool {
-        if self.origins.is_empty() || uri.scheme().is_none() {
-            return true;
-        }
-        Origin::of(uri).is_some_and(|origin| self.origins.contains(&origin))
+    /// their origin, as a tonic channel does); absolute ones if their origin is in the
+    /// layer's scope. An error for plain `http` to a host that is not loopback in an open
+    /// scope, unless allowed.
+    pub(crate) fn authenticates(&self, uri: &Uri) -> Result<bool, Error> {
+        let decision = self.scope.decide(uri, self.allow_http)?;
+        Ok(decision == Decision::Authenticate)
     }
 
     /// Whether a request with this method may be sent a second time.
@@ -194,7 +177,8 @@ impl fmt::Debug for Config {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Config")
             .field("cache", &self.cache)
-            .field("origins", &self.origins)
+            .field("scope", &self.scope)
+            .field("allow_http", &self.allow_http)
             .field("study", &self.study)
             .field("headers", &self.headers)
             .field("idempotent_only", &self.idempotent_only)
@@ -224,7 +208,9 @@ impl fmt::Debug for Config {
 pub struct Builder<R = CloneBody> {
     source: Box<dyn TokenSource>,
     study: Option<Result<ResearchStudy, Error>>,
-    origins: Vec<Origin>,
+    origins: Vec<String>,
+    any_origin: bool,
+    allow_http: bool,
     headers: HeaderMap,
     error: Option<Error>,
     cache: CacheConfig,
@@ -242,15 +228,49 @@ impl<R> Builder<R> {
     }
 
     /// Adds an origin (scheme, host and port of `url`; its path is ignored) that requests
-    /// get credentials for. Default: none, and every request gets them.
+    /// get credentials for.
     ///
-    /// Once one is set, a request whose absolute URI has another origin passes through
-    /// untouched: no token, no `researchstudy`, no fixed headers. That keeps credentials
-    /// from following a redirect to another host (put this layer inside tower-http's
-    /// `FollowRedirectLayer`, so that it sees every hop) and makes the layer safe on a client
-    /// shared with other APIs. Requests with a relative URI (as a tonic channel sends them)
-    /// are always authenticated: the inner service decides where they go.
-    /// [`BlazeEnv::layer`] sets `BLAZE_BASE_URL`'s origin.
+    /// Default: Blaze's gateways ([`blaze::STAGING_URL`](crate::blaze::STAGING_URL) and
+    /// [`blaze::PRODUCTION_URL`](crate::blaze::PRODUCTION_URL)) and loopback hosts
+    /// (`127.0.0.0/8`, `::1`, `localhost`; any port, `http` or `https`), so that a local
+    /// stand-in works unconfigured. Naming an origin *replaces* that default: once one is
+    /// named, only the named origins get credentials (say `.origin(STAGING_URL)` too if
+    /// you still want it). [`any_origin`](Self::any_origin) opens the scope instead.
+    ///
+    /// A request whose absolute URI has an origin outside the scope passes through untouched:
+    /// no token, no `researchstudy`, no fixed headers, and a `tracing` DEBUG event naming the
+    /// origin. It is not an error, so that the layer is safe on a client shared with other
+    /// APIs and inside tower-http's `FollowRedirectLayer` (which is where it belongs: it then
+    /// sees every hop, and a redirect to another host gets nothing), as tower-http's
+    /// `FilterCredentials` does on redirects. Requests with a relative URI (as a tonic
+    /// channel sends them) are always authenticated: the inner service decides where they
+    /// go. [`BlazeEnv::layer`] names `BLAZE_BASE_URL`'s origin.
+    ///
+    /// A plain `http` origin on a host that is not loopback needs
+    /// [`allow_http`](Self::allow_http); [`build`](Self::build) fails without it.
+    ///
+    /// ```
+    /// use blaze_auth::{AccessToken, BlazeAuthLayer, StaticToken};
+    /// use http::{Request, Response};
+    /// use tower::{Layer, ServiceExt, service_fn};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), blaze_auth::BoxError> {
+    /// let layer = BlazeAuthLayer::builder(StaticToken::new(AccessToken::bearer("t")?))
+    ///     .study("FHIR-T")
+    ///     .origin("https://blaze.example")
+    ///     .build()?;
+    /// // Answers whether the request it got carries a token.
+    /// let client = layer.layer(service_fn(|request: Request<()>| async move {
+    ///     let authorized = request.headers().contains_key("authorization");
+    ///     Ok::<_, std::convert::Infallible>(Response::new(authorized))
+    /// }));
+    /// let sent = |uri| client.clone().oneshot(Request::get(uri).body(()).unwrap());
+    /// assert!(*sent("https://blaze.example/Patient").await?.body());
+    /// assert!(!*sent("https://elsewhere.example/Patient").await?.body());
+    /// # Ok(())
+    /// # }
+    /// ```
     ///
     #[cfg_attr(
         feature = "oauth2",
@@ -261,13 +281,29 @@ impl<R> Builder<R> {
         doc = "[`BlazeEnv::layer`]: crate#feature-flags"
     )]
     pub fn origin(mut self, url: &str) -> Self {
-        match url.parse::<Uri>().ok().as_ref().and_then(Origin::of) {
-            Some(origin) => {
-                self.origins.push(origin);
-                self
-            }
-            None => self.fail(Error::invalid_url(None)),
-        }
+        self.origins.push(url.to_owned());
+        self
+    }
+
+    /// Sends credentials to every origin: an explicit opt-in, for a client that talks to
+    /// Blaze alone through an address this layer cannot know (a proxy, a tunnel). Named
+    /// [`origin`](Self::origin)s then add nothing. Default: off; see `origin` for the scope.
+    ///
+    /// A request to plain `http` on a host that is not loopback then fails with
+    /// [`Error::is_insecure_url`] (it is neither sent with the token nor silently sent
+    /// without it) unless [`allow_http`](Self::allow_http) is set.
+    pub fn any_origin(mut self) -> Self {
+        self.any_origin = true;
+        self
+    }
+
+    /// Allows credentials over plain `http` to hosts that are not loopback: the token then
+    /// crosses the network in clear text. Default: `false`; loopback hosts are always
+    /// allowed. It widens no scope: an `http` origin must still be named, or
+    /// [`any_origin`](Self::any_origin) set.
+    pub fn allow_http(mut self, allow: bool) -> Self {
+        self.allow_http = allow;
+        self
     }
 
     /// Sets Blaze v2's `x-partnerid` header, sent with every request. Default: not sent.
@@ -388,6 +424,8 @@ impl<R> Builder<R> {
             source: self.source,
             study: self.study,
             origins: self.origins,
+            any_origin: self.any_origin,
+            allow_http: self.allow_http,
             headers: self.headers,
             error: self.error,
             cache: self.cache,
@@ -400,17 +438,29 @@ impl<R> Builder<R> {
     ///
     /// # Errors
     ///
-    /// An invalid value given: a header or an origin ([`Error::is_invalid_header`],
-    /// [`Error::is_invalid_url`]; the first of those), or else the study id
+    /// An invalid value given: a header ([`Error::is_invalid_header`]), or else an origin
+    /// ([`Error::is_invalid_url`], or [`Error::is_insecure_url`] for plain `http` to a host
+    /// that is not loopback without [`allow_http`](Self::allow_http)), or else the study id
     /// ([`Error::is_invalid_study`]).
     pub fn build(self) -> Result<BlazeAuthLayer<R>, Error> {
         if let Some(error) = self.error {
             return Err(error);
         }
+        let origins = self
+            .origins
+            .iter()
+            .map(|url| Origin::parse(url, self.allow_http))
+            .collect::<Result<Vec<_>, _>>()?;
+        let scope = match origins.is_empty() {
+            _ if self.any_origin => Scope::Any,
+            true => Scope::Default,
+            false => Scope::Named(origins),
+        };
         let study = self.study.transpose()?;
         let config = Config {
             cache: Arc::new(TokenCache::new(self.source, self.cache)),
-            origins: self.origins,
+            scope,
+            allow_http: self.allow_http,
             study,
             headers: self.headers,
             idempotent_only: self.idempotent_only,
@@ -431,6 +481,9 @@ impl<R: fmt::Debug> fmt::Debug for Builder<R> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Builder")
             .field("study", &self.study)
+            .field("origins", &self.origins)
+            .field("any_origin", &self.any_origin)
+            .field("allow_http", &self.allow_http)
             .field("headers", &self.headers)
             .field("cache", &self.cache)
             .field("idempotent_only", &self.idempotent_only)

@@ -14,6 +14,14 @@
 //! - adds the layer's fixed headers, such as Blaze v2's `x-partnerid`;
 //! - on a 401, fetches a new token and sends the request once more.
 //!
+//! It does so only for requests in its *credential scope*: by default Blaze's two gateways
+//! ([`blaze::STAGING_URL`], [`blaze::PRODUCTION_URL`]) and loopback hosts, or the origins
+//! named with [`Builder::origin`], or every origin after [`Builder::any_origin`]. A request
+//! to another origin passes through untouched, so a redirect to another host (with the layer
+//! inside tower-http's `FollowRedirectLayer`) gets no credentials; plain `http` to a host that
+//! is not loopback never gets a token without [`Builder::allow_http`]. Relative URIs, as
+//! tonic sends them, are always authenticated.
+//!
 //! Tokens come from a [`TokenSource`]. The layer caches them, refreshes them ahead of expiry,
 //! and runs one fetch at a time however many requests need a token. Requests with a valid
 //! cached token take no lock.
@@ -61,6 +69,8 @@
 //!         BlazeAuthLayer::builder(source)
 //!             .study("FHIR-T")
 //!             .partner_id("partner-42")
+//!             // The default scope (Blaze's gateways and loopback) covers this URL; a
+//!             // Blaze elsewhere is named with `.origin(..)`.
 //!             .build()?,
 //!     )
 //!     .service(client);
@@ -121,6 +131,7 @@ pub mod replay;
 #[cfg(feature = "reqwest")]
 #[cfg_attr(docsrs, doc(cfg(feature = "reqwest")))]
 pub mod reqwest;
+mod scope;
 mod service;
 mod study;
 #[cfg(feature = "testing")]

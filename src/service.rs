@@ -86,9 +86,13 @@ where
         let mut ready_inner = std::mem::replace(&mut self.inner, not_ready_inner);
 
         let (mut parts, body) = request.into_parts();
-        if !self.config.authenticates(&parts.uri) {
-            let request = Request::from_parts(parts, self.replay.once(body));
-            return ResponseFuture::untouched(ready_inner.call(request));
+        match self.config.authenticates(&parts.uri) {
+            Ok(true) => {}
+            Ok(false) => {
+                let request = Request::from_parts(parts, self.replay.once(body));
+                return ResponseFuture::untouched(ready_inner.call(request));
+            }
+            Err(error) => return ResponseFuture::failed(error),
         }
         if let Err(error) = self.config.prepare(&mut parts) {
             return ResponseFuture::failed(error);
@@ -180,6 +184,7 @@ mod tests {
             .study("FHIR-T")
             .partner_id("partner-42")
             .header("x-other", "1")
+            .origin("https://h")
             .build()
             .unwrap();
         let client =
@@ -1116,6 +1121,102 @@ mod tests {
             hops[1],
             ("https://elsewhere.example/x?y=1".to_owned(), None, None)
         );
+    }
+
+    /// What `client` sent for a request to `uri`: the request itself, or the error.
+    async fn sent_for(layer: &BlazeAuthLayer, uri: &str) -> Result<Request<String>, crate::Error> {
+        let echo = service_fn(|request: Request<String>| async move {
+            Ok::<_, Infallible>(Response::new(request))
+        });
+        let request = Request::get(uri).body(String::new()).unwrap();
+        let response = layer.layer(echo).oneshot(request).await?;
+        Ok(response.into_body())
+    }
+
+    #[tokio::test]
+    async fn by_default_only_blazes_gateways_and_loopback_get_credentials() {
+        let layer = BlazeAuthLayer::builder(TestSource::new())
+            .study("S")
+            .partner_id("p")
+            .header("x-extra", "e")
+            .build()
+            .unwrap();
+        for ours in [
+            "https://apigateway.apps.stageapi.mskcc.org/api/Patient",
+            "https://apigateway.apps.prodapi.mskcc.org/api/Patient",
+            "http://127.0.0.1:8080/api/Patient",
+            "http://localhost:3000/api/Patient",
+            "http://[::1]/api/Patient",
+            "/api/Patient",
+        ] {
+            let request = sent_for(&layer, ours).await.unwrap();
+            assert_eq!(sent_token(&request), "token-1", "{ours}");
+            assert_eq!(request.headers()["x-partnerid"], "p");
+            assert!(request.uri().query().unwrap().contains("researchstudy=S"));
+        }
+        for foreign in [
+            "https://evil.example/collect",
+            "http://evil.example/collect",
+            "http://apigateway.apps.stageapi.mskcc.org/api/Patient",
+            "https://apigateway.apps.stageapi.mskcc.org:8443/api/Patient",
+            "https://10.0.0.1/api/Patient",
+        ] {
+            let request = sent_for(&layer, foreign).await.unwrap();
+            assert_eq!(request.uri(), foreign, "untouched");
+            assert!(request.headers().is_empty(), "{foreign}");
+        }
+    }
+
+    #[tokio::test]
+    async fn any_origin_opens_the_scope_but_never_to_cleartext() {
+        let open = |allow_http| {
+            BlazeAuthLayer::builder(TestSource::new())
+                .study("S")
+                .any_origin()
+                .allow_http(allow_http)
+                .build()
+                .unwrap()
+        };
+        let layer = open(false);
+        let request = sent_for(&layer, "https://anywhere.example/x")
+            .await
+            .unwrap();
+        assert_eq!(sent_token(&request), "token-1");
+        let request = sent_for(&layer, "http://127.0.0.1:1/x").await.unwrap();
+        assert_eq!(sent_token(&request), "token-1");
+        // Neither sent with the token nor silently without it.
+        let (service, calls) = inner::<String, _>(|_| StatusCode::OK);
+        let request = Request::get("http://anywhere.example/x")
+            .body(String::new())
+            .unwrap();
+        let error = layer.layer(service).oneshot(request).await.unwrap_err();
+        assert!(error.is_insecure_url(), "{error:?}");
+        assert_eq!(calls.load(Ordering::SeqCst), 0);
+
+        let request = sent_for(&open(true), "http://anywhere.example/x")
+            .await
+            .unwrap();
+        assert_eq!(sent_token(&request), "token-1");
+    }
+
+    #[tokio::test]
+    async fn a_cleartext_origin_needs_allow_http() {
+        let named = |allow_http| {
+            BlazeAuthLayer::builder(TestSource::new())
+                .study("S")
+                .origin("http://blaze.internal:8080")
+                .allow_http(allow_http)
+                .build()
+        };
+        assert!(named(false).unwrap_err().is_insecure_url());
+        let layer = named(true).unwrap();
+        let request = sent_for(&layer, "http://blaze.internal:8080/x")
+            .await
+            .unwrap();
+        assert_eq!(sent_token(&request), "token-1");
+        // Naming an origin replaces the default scope: loopback is no longer in it.
+        let request = sent_for(&layer, "http://127.0.0.1:8080/x").await.unwrap();
+        assert!(request.headers().is_empty());
     }
 
     #[test]

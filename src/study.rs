@@ -9,8 +9,11 @@ const PARAM: &str = "researchstudy";
 
 /// An MSK research study (protocol) number, e.g. `FHIR-T`: Blaze grants data access per study.
 ///
-/// The layer adds `researchstudy=<id>` to every request. To send one request for another study
-/// than the layer's, put a `ResearchStudy` in the request's extensions:
+/// The layer adds `researchstudy=<id>` to every request. A request whose query names a study
+/// already keeps it if it is this one, and fails with [`Error::is_study_conflict`] if it is
+/// another; the name counts in any letter case and after a `;` as well as an `&`, since some
+/// gateways read names without case or split pairs on `;`. To send one request for another
+/// study than the layer's, put a `ResearchStudy` in the request's extensions:
 ///
 /// ```
 /// use blaze_auth::ResearchStudy;
@@ -63,7 +66,7 @@ impl ResearchStudy {
     ///
     /// The existing query is kept byte for byte and `researchstudy=<id>` appended. A URI that
     /// names this study already (a Blaze paging link does) is returned as it is; one that
-    /// names another study is an error.
+    /// names another study is an error. See [`named_in`](Self::named_in) for what counts.
     pub(crate) fn add_to(&self, uri: Uri) -> Result<Uri, Error> {
         let query = uri.query();
         if let Some(query) = query {
@@ -97,21 +100,26 @@ impl ResearchStudy {
     }
 
     /// Whether `query` names this study already; an error if it names another.
+    ///
+    /// The name counts in any ASCII case (`ResearchStudy=`, as gateways that read names
+    /// without case see it), percent-encoded or not, and `;` separates pairs as `&` does
+    /// (as some gateways split them): a name that any of those readings sees is ours, so no
+    /// server can see two studies. The value must be the study id exactly.
     fn named_in(&self, query: &str) -> Result<bool, Error> {
-        // A name decodes to ours only if it is ours as it stands or has a percent escape
-        // (`+` decodes to a space). Most queries have neither, and cost two quick scans; in
-        // the others, only such names, and their values, are decoded.
-        if !query.contains('%') && !query.contains(PARAM) {
+        // A name decodes to ours only if it is ours as it stands (in some case) or has a
+        // percent escape (`+` decodes to a space). Most queries have neither, and cost two
+        // quick scans; in the others, only such names, and their values, are decoded.
+        if !query.contains('%') && !contains_ignore_case(query, PARAM) {
             return Ok(false);
         }
         let mut present = false;
-        for pair in query.as_bytes().split(|&b| b == b'&') {
+        for pair in query.as_bytes().split(|&b| b == b'&' || b == b';') {
             let raw_name = pair.split(|&b| b == b'=').next().unwrap_or_default();
-            if raw_name != PARAM.as_bytes() && !raw_name.contains(&b'%') {
+            if !raw_name.eq_ignore_ascii_case(PARAM.as_bytes()) && !raw_name.contains(&b'%') {
                 continue;
             }
             for (name, value) in form_urlencoded::parse(pair) {
-                if name == PARAM {
+                if name.eq_ignore_ascii_case(PARAM) {
                     if *value != *self.inner.id {
                         return Err(Error::study_conflict());
                     }
@@ -121,6 +129,14 @@ impl ResearchStudy {
         }
         Ok(present)
     }
+}
+
+/// Whether `haystack` contains `needle` (ASCII) in any ASCII case.
+pub(crate) fn contains_ignore_case(haystack: &str, needle: &str) -> bool {
+    haystack
+        .as_bytes()
+        .windows(needle.len())
+        .any(|window| window.eq_ignore_ascii_case(needle.as_bytes()))
 }
 
 impl fmt::Debug for ResearchStudy {
@@ -200,6 +216,13 @@ mod tests {
         // Encoded forms of the same id count as the same study.
         let encoded = "/Patient?research%73tudy=A%20B&researchstudy=A+B";
         assert_eq!(add("A B", encoded).unwrap(), encoded);
+        // So do names in another case, and pairs after a `;`.
+        for same in [
+            "/Patient?ResearchStudy=FHIR-T",
+            "/Patient?page=2;RESEARCHSTUDY=FHIR-T",
+        ] {
+            assert_eq!(add("FHIR-T", same).unwrap(), same);
+        }
     }
 
     #[test]
@@ -211,6 +234,18 @@ mod tests {
             "/Patient?researchstudy=FHIR-T&researchstudy=OTHER",
         );
         assert!(mixed.unwrap_err().is_study_conflict());
+        // Gateways that read names without case, or split on `;`, would see two studies.
+        for other in [
+            "/Patient?ResearchStudy=OTHER",
+            "/Patient?RESEARCHSTUDY=OTHER&page=2",
+            "/Patient?page=2;researchstudy=OTHER",
+            "/Patient?researchStudy=FHIR-T&researchstudy=OTHER",
+        ] {
+            assert!(
+                add("FHIR-T", other).unwrap_err().is_study_conflict(),
+                "{other}"
+            );
+        }
         // A parameter whose name merely contains ours is another parameter.
         assert_eq!(
             add("S", "/Patient?xresearchstudy=OTHER").unwrap(),
@@ -225,8 +260,11 @@ mod tests {
         let study = ResearchStudy::new("A B").unwrap();
         let full = |query: &str| -> Result<bool, ()> {
             let mut present = false;
-            for (name, value) in form_urlencoded::parse(query.as_bytes()) {
-                if name == PARAM {
+            let pairs = query
+                .split(';')
+                .flat_map(|part| form_urlencoded::parse(part.as_bytes()));
+            for (name, value) in pairs {
+                if name.to_ascii_lowercase() == PARAM {
                     if value != "A B" {
                         return Err(());
                     }
@@ -253,6 +291,11 @@ mod tests {
             "researchstudy=A+B=C",
             "=researchstudy&researchstudy%=A+B",
             "x%=1&researchstudy%3D=A+B",
+            "ResearchStudy=OTHER",
+            "RESEARCHSTUDY=A+B",
+            "a=1;researchstudy=OTHER",
+            "a=1;ReSearch%53tudy=A+B&b=2",
+            "researchstudy=A+B;researchstudy=OTHER",
         ] {
             assert_eq!(
                 study.named_in(query).map_err(drop),

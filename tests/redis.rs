@@ -1,22 +1,25 @@
-//! `RedisShared` against real `redis-server` processes: each test starts its own on a free
-//! port, so it can stop, pause or restart it. "Processes" are separate layers, each with its
-//! own in-memory cache, its own `RedisShared` and its own Redis connection, in separate tasks.
+//! `RedisShared` against real `redis-server` processes: each test starts its own server, or
+//! its own 3-master Redis Cluster, on free ports, so it can stop, pause or restart them.
+//! "Processes" here are separate layers, each with its own in-memory cache, its own
+//! `RedisShared` and its own Redis connection, in separate tasks; `tests/fleet.rs` runs real
+//! OS processes.
 //!
-//! These tests need `redis-server` on the `PATH` (Debian: `apt-get install redis-server`);
-//! without it they fail, they do not skip.
+//! These tests need `redis-server` and `redis-cli` on the `PATH` (Debian: `apt-get install
+//! redis-server redis-tools`, as `.ci/setup` does); without them they fail, they do not skip.
 #![cfg(feature = "redis")]
+
+#[path = "support/redis_server.rs"]
+mod redis_server;
 
 use blaze_auth::{
     AccessToken, BlazeAuth, BlazeAuthLayer, EncryptionKey, RedisShared, SharedKey, TokenSource,
     token_fn,
 };
 use http::{Request, Response, StatusCode, header::AUTHORIZATION};
+use redis_server::{Backend, RedisCluster, RedisServer, free_port};
 use std::{
     collections::HashSet,
     convert::Infallible,
-    io::{Read, Write},
-    net::{Ipv4Addr, TcpListener, TcpStream},
-    process::{Child, Command, Stdio},
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
@@ -28,7 +31,15 @@ use tower::{Layer, ServiceExt, service_fn, util::BoxCloneService};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn eight_processes_with_an_expired_shared_token_fetch_one_token() {
-    let redis = RedisServer::start();
+    eight_processes_fetch_one_token(&RedisServer::start()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn on_a_cluster_eight_processes_with_an_expired_shared_token_fetch_one_token() {
+    eight_processes_fetch_one_token(&RedisCluster::start()).await;
+}
+
+async fn eight_processes_fetch_one_token(redis: &(impl Backend + Sync)) {
     let endpoint = Endpoint::new(Duration::from_millis(200));
     let key = key();
     // The shared token has expired: every process needs a new one at once.
@@ -36,7 +47,7 @@ async fn eight_processes_with_an_expired_shared_token_fetch_one_token() {
 
     let mut processes = JoinSet::new();
     for _ in 0..8 {
-        let shared = shared(&redis, &key, &endpoint).build().unwrap();
+        let shared = shared(redis, &key, &endpoint).build().unwrap();
         let client = client(shared.clone(), &endpoint);
         processes.spawn(async move {
             let mut requests = JoinSet::new();
@@ -133,11 +144,19 @@ async fn a_crashed_lock_holder_is_taken_over_after_its_lease() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_token_is_deleted_only_while_it_is_the_stored_one() {
-    let redis = RedisServer::start();
+    refused_token_is_compared_and_deleted(&RedisServer::start()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_cluster_a_refused_token_is_deleted_only_while_it_is_the_stored_one() {
+    refused_token_is_compared_and_deleted(&RedisCluster::start()).await;
+}
+
+async fn refused_token_is_compared_and_deleted(redis: &(impl Backend + Sync)) {
     let endpoint = Endpoint::new(Duration::ZERO);
     let key = key();
-    let a = shared(&redis, &key, &endpoint).build().unwrap();
-    let b = shared(&redis, &key, &endpoint).build().unwrap();
+    let a = shared(redis, &key, &endpoint).build().unwrap();
+    let b = shared(redis, &key, &endpoint).build().unwrap();
 
     let first = a.fetch(None).await.unwrap();
     assert_eq!(b.fetch(None).await.unwrap().secret(), first.secret());
@@ -171,25 +190,34 @@ async fn a_refused_token_is_deleted_only_while_it_is_the_stored_one() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_keep_succeeding_when_redis_stops_and_sharing_resumes_when_it_returns() {
-    let mut redis = RedisServer::start();
-    let port = redis.port;
+    sharing_survives_a_stop_of_the_keys_server(&mut RedisServer::start()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_cluster_requests_keep_succeeding_when_the_keys_master_stops_and_sharing_resumes() {
+    sharing_survives_a_stop_of_the_keys_server(&mut RedisCluster::start()).await;
+}
+
+async fn sharing_survives_a_stop_of_the_keys_server(redis: &mut (impl Backend + Sync)) {
     let endpoint = Endpoint::new(Duration::ZERO);
     let key = key();
-    let first = shared(&redis, &key, &endpoint)
-        .op_timeout(Duration::from_millis(250))
+    let first = shared(redis, &key, &endpoint)
+        .op_timeout(Duration::from_millis(300))
         .build()
         .unwrap();
     let process = client(first.clone(), &endpoint);
     assert_all_ok(&process, 100).await;
     assert!(redis.get(&token_key(&key)).await.is_some());
+    assert_eq!(first.metrics().fallbacks, 0);
 
-    // Redis stops mid-run; the server refuses the token: the process gets a new one without
-    // Redis, and every request succeeds.
-    redis.stop();
-    endpoint.revoke_all();
-    assert_all_ok(&process, 100).await;
-    endpoint.revoke_all();
-    assert_all_ok(&process, 100).await;
+    // The server that holds the key (the master of its slot, on a cluster) stops mid-run;
+    // the API refuses the token: the process gets a new one without Redis, and every
+    // request succeeds.
+    redis.stop_owner_of(&token_key(&key));
+    for _ in 0..2 {
+        endpoint.revoke_all();
+        assert_all_ok(&process, 100).await;
+    }
     let metrics = first.metrics();
     assert!(
         metrics.fallbacks >= 2 && metrics.redis_errors >= 2,
@@ -197,9 +225,9 @@ async fn requests_keep_succeeding_when_redis_stops_and_sharing_resumes_when_it_r
     );
     assert_eq!(endpoint.fetches(), 3);
 
-    // Redis returns (empty). The next fetches go through it again: the process stores its
+    // It returns (empty). The next fetches go through Redis again: the process stores its
     // token there, and a new process reads it instead of fetching.
-    let redis = RedisServer::start_on(port);
+    redis.restart_owner();
     let mut stored = None;
     for _ in 0..50 {
         endpoint.revoke_all();
@@ -215,7 +243,7 @@ async fn requests_keep_succeeding_when_redis_stops_and_sharing_resumes_when_it_r
         "the token was never stored after Redis returned"
     );
     let fetches = endpoint.fetches();
-    let newcomer = shared(&redis, &key, &endpoint).build().unwrap();
+    let newcomer = shared(redis, &key, &endpoint).build().unwrap();
     assert_all_ok(&client(newcomer.clone(), &endpoint), 10).await;
     assert_eq!(
         endpoint.fetches(),
@@ -315,6 +343,211 @@ async fn encrypted_tokens_are_shared_by_the_key_holders_only() {
     assert_eq!(c.fetch(None).await.unwrap().secret(), "token-2");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_planted_in_redis_in_clear_is_not_sent_unless_the_source_could_have_made_it() {
+    let redis = RedisServer::start();
+    let endpoint = Endpoint::new(Duration::ZERO);
+    let key = key();
+    let now = now_ms();
+    let planted = |token_type: &str, expires_at_ms: Option<u64>| {
+        let mut json = serde_json::json!({
+            "token_type": token_type,
+            "access_token": "attacker-token",
+            "stored_at_ms": now,
+        });
+        if let Some(at) = expires_at_ms {
+            json["expires_at_ms"] = at.into();
+        }
+        format!("{}:json:{json}", "0".repeat(32))
+    };
+    let year = 365 * 24 * 3_600_000;
+    for value in [
+        planted("Basic", Some(now + 3_600_000)),
+        planted("Bearer", None),
+        planted("Bearer", Some(now + year)),
+    ] {
+        redis.set(&token_key(&key), &value).await;
+        let process = shared(&redis, &key, &endpoint).build().unwrap();
+        let token = process.fetch(None).await.unwrap();
+        assert!(token.secret().starts_with("token-"), "{value}");
+        let stored = redis.get(&token_key(&key)).await.unwrap();
+        assert!(
+            stored.contains(token.secret()),
+            "the planted value is replaced"
+        );
+    }
+    assert_eq!(endpoint.fetches(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_without_the_key_never_replaces_a_sealed_token() {
+    let redis = RedisServer::start();
+    let endpoint = Endpoint::new(Duration::ZERO);
+    let key = key();
+    let secret = EncryptionKey::generate();
+    let sealed = shared(&redis, &key, &endpoint)
+        .encryption_key(secret.clone())
+        .build()
+        .unwrap();
+    let plain = shared(&redis, &key, &endpoint).build().unwrap();
+    assert_eq!(sealed.fetch(None).await.unwrap().secret(), "token-1");
+    let stored = redis.get(&token_key(&key)).await.unwrap();
+
+    // The plain process cannot read it, fetches its own, and may not store it.
+    assert_eq!(plain.fetch(None).await.unwrap().secret(), "token-2");
+    assert_eq!(redis.get(&token_key(&key)).await.unwrap(), stored);
+    // So the keyed processes keep sharing theirs: no fetch back and forth.
+    let peer = shared(&redis, &key, &endpoint)
+        .encryption_key(secret)
+        .build()
+        .unwrap();
+    assert_eq!(peer.fetch(None).await.unwrap().secret(), "token-1");
+    assert_eq!(endpoint.fetches(), 2);
+
+    // A keyed process replaces a clear value (once the sealed one is gone).
+    redis.del(&token_key(&key)).await;
+    assert_eq!(plain.fetch(None).await.unwrap().secret(), "token-3");
+    assert!(
+        redis
+            .get(&token_key(&key))
+            .await
+            .unwrap()
+            .contains(":json:")
+    );
+    assert_eq!(peer.fetch(None).await.unwrap().secret(), "token-4");
+    assert!(
+        redis
+            .get(&token_key(&key))
+            .await
+            .unwrap()
+            .contains(":xc20p:")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_encryption_key_rolls_out_without_a_fetch() {
+    let redis = RedisServer::start();
+    let endpoint = Endpoint::new(Duration::ZERO);
+    let key = key();
+    let (old, new) = (EncryptionKey::generate(), EncryptionKey::generate());
+    let before = shared(&redis, &key, &endpoint)
+        .encryption_key(old.clone())
+        .build()
+        .unwrap();
+    assert_eq!(before.fetch(None).await.unwrap().secret(), "token-1");
+
+    // Rolled out: the new key seals, the old one still opens.
+    let after = shared(&redis, &key, &endpoint)
+        .encryption_key(new.clone())
+        .previous_encryption_key(old)
+        .build()
+        .unwrap();
+    assert_eq!(after.fetch(None).await.unwrap().secret(), "token-1");
+    assert_eq!(endpoint.fetches(), 1);
+    // Its next token is sealed with the new key, which the rest of the new fleet reads.
+    let refused = AccessToken::bearer("token-1").unwrap();
+    assert_eq!(
+        after.fetch(Some(&refused)).await.unwrap().secret(),
+        "token-2"
+    );
+    let only_new = shared(&redis, &key, &endpoint)
+        .encryption_key(new)
+        .build()
+        .unwrap();
+    assert_eq!(only_new.fetch(None).await.unwrap().secret(), "token-2");
+    assert_eq!(endpoint.fetches(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_with_another_client_secret_does_not_ride_on_the_fleets_token() {
+    let redis = RedisServer::start();
+    let endpoint = Endpoint::new(Duration::ZERO);
+    let right = key().client_secret("right-secret");
+    let wrong = key().client_secret("wrong-secret");
+    let fleet = shared(&redis, &right, &endpoint).build().unwrap();
+    let misconfigured = shared(&redis, &wrong, &endpoint).build().unwrap();
+    assert_eq!(fleet.fetch(None).await.unwrap().secret(), "token-1");
+    // It fetches (and would fail, on a real endpoint) instead of reading token-1.
+    assert_eq!(misconfigured.fetch(None).await.unwrap().secret(), "token-2");
+}
+
+#[test]
+fn required_encryption_without_a_key_is_a_start_up_error() {
+    let endpoint = Endpoint::new(Duration::ZERO);
+    let builder = || RedisShared::builder(endpoint.source(), key());
+    let error = builder().require_encryption(true).build().err().unwrap();
+    assert!(error.is_invalid_key());
+    let error = builder()
+        .previous_encryption_key(EncryptionKey::generate())
+        .build()
+        .err()
+        .unwrap();
+    assert!(error.is_invalid_key());
+    let built = builder()
+        .require_encryption(true)
+        .encryption_key(EncryptionKey::generate())
+        .build();
+    assert!(built.is_ok());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_fetch_is_shared_and_its_cool_down_doubles_for_the_fleet() {
+    let redis = RedisServer::start();
+    let key = key();
+    let calls = Arc::new(AtomicU64::new(0));
+    let failing = {
+        let calls = Arc::clone(&calls);
+        token_fn(move |_| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            async { Err::<AccessToken, _>("endpoint down") }
+        })
+    };
+    let process = || {
+        shared_with(&redis, &key, failing.clone())
+            .failure_cooldown(Duration::from_secs(5))
+            .build()
+            .unwrap()
+    };
+    let (a, b) = (process(), process());
+    // The cool-down ends when the failure's PTTL falls to the 60 s memory of the count.
+    let failures = failures_key(&key);
+    let end_cool_down = || redis.pexpire(&failures, 60_000);
+
+    assert!(a.fetch(None).await.is_err());
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    // B learns of A's failure from Redis: an error, no call.
+    let error = b.fetch(None).await.unwrap_err();
+    assert!(error.to_string().contains("1 time(s) in a row"), "{error}");
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    assert_eq!(b.metrics().cooldowns, 1);
+    let ttl = redis.pttl(&failures_key(&key)).await;
+    assert!(
+        (60_000..=65_000).contains(&ttl),
+        "5 s and the memory: {ttl}"
+    );
+
+    // After the cool-down, one call; it fails again, and the next cool-down is twice as long.
+    end_cool_down().await;
+    assert!(b.fetch(None).await.is_err());
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    assert_eq!(redis.get(&failures_key(&key)).await.as_deref(), Some("2"));
+    let ttl = redis.pttl(&failures_key(&key)).await;
+    assert!(
+        (65_000..=70_000).contains(&ttl),
+        "10 s and the memory: {ttl}"
+    );
+    assert!(a.fetch(None).await.is_err());
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+
+    // A token stored ends the failures.
+    end_cool_down().await;
+    let endpoint = Endpoint::new(Duration::ZERO);
+    let healthy = shared(&redis, &key, &endpoint).build().unwrap();
+    assert_eq!(healthy.fetch(None).await.unwrap().secret(), "token-1");
+    assert_eq!(redis.get(&failures_key(&key)).await, None);
+    assert_eq!(a.fetch(None).await.unwrap().secret(), "token-1");
+}
+
 // Helpers.
 
 /// A token endpoint: counts fetches, issues `token-1`, `token-2`, ... after a delay, and
@@ -412,7 +645,7 @@ fn key() -> SharedKey {
 }
 
 fn shared(
-    redis: &RedisServer,
+    redis: &impl Backend,
     key: &SharedKey,
     endpoint: &Arc<Endpoint>,
 ) -> blaze_auth::RedisSharedBuilder<impl TokenSource + 'static> {
@@ -422,12 +655,12 @@ fn shared(
 /// Test settings: a short lease, so a takeover is quick; a generous op timeout, so a busy
 /// machine does not look like a Redis outage.
 fn shared_with<S: TokenSource>(
-    redis: &RedisServer,
+    redis: &impl Backend,
     key: &SharedKey,
     source: S,
 ) -> blaze_auth::RedisSharedBuilder<S> {
-    RedisShared::builder(source, key.clone())
-        .redis_url(&redis.url())
+    redis
+        .configure(RedisShared::builder(source, key.clone()))
         .key_prefix("test:")
         .lease(Duration::from_millis(300))
         .poll_interval(Duration::from_millis(10))
@@ -438,16 +671,24 @@ fn token_key(key: &SharedKey) -> String {
     format!("test:{{{}}}:token", key.digest())
 }
 
+fn failures_key(key: &SharedKey) -> String {
+    format!("test:{{{}}}:failures", key.digest())
+}
+
 fn lock_key(key: &SharedKey) -> String {
     format!("test:{{{}}}:lock", key.digest())
 }
 
-/// A stored token that expired a second ago, in the layout the module docs give.
-fn expired_value() -> String {
-    let now = SystemTime::now()
+fn now_ms() -> u64 {
+    SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap()
-        .as_millis() as u64;
+        .as_millis() as u64
+}
+
+/// A stored token that expired a second ago, in the layout the module docs give.
+fn expired_value() -> String {
+    let now = now_ms();
     format!(
         "0123456789abcdef0123456789abcdef:json:{}",
         serde_json::json!({
@@ -457,139 +698,4 @@ fn expired_value() -> String {
             "stored_at_ms": now - 3_601_000,
         })
     )
-}
-
-fn free_port() -> u16 {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
-    listener.local_addr().unwrap().port()
-}
-
-/// A `redis-server` on 127.0.0.1, without persistence, killed on drop.
-struct RedisServer {
-    port: u16,
-    child: Option<Child>,
-}
-
-impl RedisServer {
-    fn start() -> Self {
-        Self::start_on(free_port())
-    }
-
-    fn start_on(port: u16) -> Self {
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|error| {
-                panic!(
-                    "cannot start redis-server ({error}): these tests need a real Redis; \
-                     install it (Debian: apt-get install redis-server) or run .ci/run"
-                )
-            });
-        let mut server = Self {
-            port,
-            child: Some(child),
-        };
-        for _ in 0..500 {
-            // A server that exited could not have the port: another answers there.
-            let exited = server.child.as_mut().unwrap().try_wait().unwrap();
-            assert!(
-                exited.is_none(),
-                "redis-server on port {port} exited: {exited:?}"
-            );
-            if server.ping() {
-                return server;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        panic!("redis-server on port {port} did not answer PING within 5 s");
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
-    }
-
-    fn ping(&self) -> bool {
-        let Ok(mut stream) = TcpStream::connect((Ipv4Addr::LOCALHOST, self.port)) else {
-            return false;
-        };
-        let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
-        let mut answer = [0; 7];
-        stream.write_all(b"PING\r\n").is_ok()
-            && stream.read_exact(&mut answer).is_ok()
-            && &answer == b"+PONG\r\n"
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    /// SIGSTOP: the server keeps its connections and answers nothing.
-    fn pause(&self) {
-        self.signal("-STOP");
-    }
-
-    fn resume(&self) {
-        self.signal("-CONT");
-    }
-
-    fn signal(&self, signal: &str) {
-        let pid = self.child.as_ref().unwrap().id().to_string();
-        let status = Command::new("kill").args([signal, &pid]).status().unwrap();
-        assert!(status.success());
-    }
-
-    async fn connection(&self) -> redis::aio::MultiplexedConnection {
-        let client = redis::Client::open(self.url()).unwrap();
-        client.get_multiplexed_async_connection().await.unwrap()
-    }
-
-    async fn set(&self, key: &str, value: &str) {
-        let mut con = self.connection().await;
-        redis::cmd("SET")
-            .arg(key)
-            .arg(value)
-            .query_async::<()>(&mut con)
-            .await
-            .unwrap();
-    }
-
-    async fn get(&self, key: &str) -> Option<String> {
-        let mut con = self.connection().await;
-        redis::cmd("GET")
-            .arg(key)
-            .query_async(&mut con)
-            .await
-            .unwrap()
-    }
-
-    async fn pttl(&self, key: &str) -> i64 {
-        let mut con = self.connection().await;
-        redis::cmd("PTTL")
-            .arg(key)
-            .query_async(&mut con)
-            .await
-            .unwrap()
-    }
-
-    async fn keys(&self) -> Vec<String> {
-        let mut con = self.connection().await;
-        redis::cmd("KEYS")
-            .arg("*")
-            .query_async(&mut con)
-            .await
-            .unwrap()
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        // SIGKILL ends a paused server too.
-        self.stop();
-    }
 }

@@ -13,7 +13,7 @@ use std::{
     sync::{Arc, Mutex},
     time::Duration,
 };
-use support::{json, serve, token_json};
+use support::{json, serve, text, token_json};
 use tower::{ServiceBuilder, ServiceExt};
 
 const CLIENT_SECRET: &str = "cl1ent-s3cret-value";
@@ -148,6 +148,108 @@ async fn no_secret_in_logs_errors_or_debug() {
             !everything.contains(secret),
             "{secret} leaked:\n{everything}"
         );
+    }
+}
+
+/// A secret as Azure AD issues them: every character that form-urlencoding, percent-encoding
+/// and base64 treat differently.
+const ODD_SECRET: &str = "Az~1+b/2=c 3.d_e-f";
+
+/// Every form in which `ODD_SECRET` (with client id `my id`) travels or is echoed back.
+fn odd_secret_forms() -> Vec<String> {
+    use base64::Engine as _;
+    use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD};
+    let form = |s: &str| form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
+    let basic_raw = format!("my id:{ODD_SECRET}");
+    let basic_form = format!("{}:{}", form("my id"), form(ODD_SECRET));
+    vec![
+        ODD_SECRET.to_owned(),
+        form(ODD_SECRET),
+        form(ODD_SECRET).replace('+', "%20"),
+        STANDARD.encode(&basic_raw),
+        STANDARD_NO_PAD.encode(&basic_raw),
+        STANDARD.encode(&basic_form),
+        STANDARD_NO_PAD.encode(&basic_form),
+        "Az~1".to_owned(),
+        "Az%7E1".to_owned(),
+        "bare-token-in-text".to_owned(),
+    ]
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn no_form_of_an_odd_secret_in_any_echo() {
+    use base64::Engine as _;
+    let (captured, _guard) = Captured::trace();
+
+    // A token endpoint that echoes the request every way servers and gateways do.
+    let server = serve(|request, n| async move {
+        let body = request.body_str().to_owned();
+        let auth = request
+            .headers
+            .get("authorization")
+            .map(|v| v.to_str().unwrap().to_owned())
+            .unwrap_or_default();
+        // What a server sees once it has decoded the form and the Basic credentials.
+        let mut decoded: Vec<String> = request.form().into_iter().map(|(_, v)| v).collect();
+        if let Some(basic) = auth.strip_prefix("Basic ") {
+            let credentials = base64::engine::general_purpose::STANDARD
+                .decode(basic)
+                .unwrap();
+            decoded.push(String::from_utf8(credentials).unwrap());
+        }
+        let decoded = decoded.join(" ");
+        let described = |description: &str| {
+            let description = serde_json::to_string(description).unwrap();
+            format!(r#"{{"error":"invalid_client","error_description":{description}}}"#)
+        };
+        match (n - 1) % 6 {
+            0 => text(
+                500,
+                "text/html",
+                &format!("<html>you sent {body} {auth}</html>"),
+            ),
+            1 => json(400, &described(&format!("{body} {auth}"))),
+            2 => json(401, &described(&format!("got {decoded}"))),
+            3 => text(
+                502,
+                "text/plain",
+                &format!("{} {auth}", body.replace('+', "%20")),
+            ),
+            4 => text(200, "text/plain", "bare-token-in-text"),
+            _ => json(400, &described("client_secret is not valid")),
+        }
+    })
+    .await;
+
+    let mut shown = String::new();
+    for auth in [ClientAuth::Post, ClientAuth::Basic] {
+        let source = ClientCredentials::builder(&server.url("/token"), "my id", ODD_SECRET)
+            .auth(auth)
+            .max_attempts(1)
+            .build()
+            .unwrap();
+        for _ in 0..6 {
+            let error = source.fetch_token().await.unwrap_err();
+            let parts = format!(
+                "{:?} {:?} {:?}",
+                error.oauth_error(),
+                error.oauth_description(),
+                error.excerpt()
+            );
+            shown.push_str(&chain(&error));
+            shown.push_str(&parts);
+        }
+    }
+    assert_eq!(server.requests().len(), 12);
+
+    let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    assert!(logs.contains("WARN"), "{logs}");
+    // The 2xx body is described, not repeated; harmless parts of errors still show.
+    assert!(shown.contains("text/plain, 18 bytes"), "{shown}");
+    assert!(shown.contains("invalid_client"), "{shown}");
+    let everything = format!("{shown}\n{logs}");
+    for form in odd_secret_forms() {
+        assert!(!everything.contains(&form), "{form} leaked:\n{everything}");
     }
 }
 

@@ -15,8 +15,8 @@ use std::{
 
 /// A FHIR search as a client sends it through the layer (path and query).
 pub(crate) const PATH: &str = "/msk-apim/external/v2/crit/blaze/api/Observation?patient=123&code=http://loinc.org|718-7&_count=50";
-/// [`PATH`] on a Blaze host.
-pub(crate) const URI: &str = "https://blaze.example/msk-apim/external/v2/crit/blaze/api/Observation?patient=123&code=http://loinc.org|718-7&_count=50";
+/// [`PATH`] on Blaze's staging gateway, in the layer's default credential scope.
+pub(crate) const URI: &str = "https://apigateway.apps.stageapi.mskcc.org/msk-apim/external/v2/crit/blaze/api/Observation?patient=123&code=http://loinc.org|718-7&_count=50";
 pub(crate) const STUDY: &str = "FHIR-T";
 /// `researchstudy=<STUDY>`, encoded: what the hand-written baselines append.
 pub(crate) const STUDY_PAIR: &str = "researchstudy=FHIR-T";

@@ -15,7 +15,8 @@ use reqwest_middleware::{Middleware, Next};
 /// Authenticates every request of a [`reqwest_middleware::ClientWithMiddleware`] for the
 /// Blaze FHIR API, as [`BlazeAuthLayer`] does for a tower stack.
 ///
-/// Each request to an origin the layer authenticates gets `Authorization` (the cached
+/// Each request in the layer's credential scope (by default Blaze's gateways and loopback;
+/// the layer builder's `origin` names others) gets `Authorization` (the cached
 /// token, marked sensitive), the `researchstudy` query parameter (a [`ResearchStudy`] in
 /// reqwest-middleware's extensions, from `RequestBuilder::with_extension`, overrides the
 /// layer's) and the
@@ -101,7 +102,7 @@ impl Middleware for BlazeMiddleware {
         let Ok(uri) = request.url().as_str().parse::<Uri>() else {
             return Err(failed(Error::invalid_uri(None)));
         };
-        if !self.auth.authenticates(&uri) {
+        if !self.auth.authenticates(&uri).map_err(failed)? {
             return next.run(request, extensions).await;
         }
         prepare(&self.auth, &mut request, uri, extensions).map_err(failed)?;

@@ -222,6 +222,13 @@ impl StandIn {
         self.shared.token_failures.push(n, failure);
     }
 
+    /// Drops the token-request failures still queued: the token endpoint answers as usual
+    /// again. With [`fail_token_requests`](Self::fail_token_requests)`(usize::MAX, ..)`, an
+    /// outage that lasts until the test ends it.
+    pub fn stop_failing_token_requests(&self) {
+        self.shared.token_failures.clear();
+    }
+
     /// Makes the next `n` requests to the API fail as `failure` says, before any check.
     /// Failures queue up behind those still pending from earlier calls.
     pub fn fail_api_requests(&self, n: usize, failure: ApiFailure) {
@@ -548,6 +555,10 @@ impl<F: Clone> FailureQueue<F> {
         }
     }
 
+    fn clear(&self) {
+        lock(&self.pending).clear();
+    }
+
     /// The failure for the request at hand, if any.
     fn next(&self) -> Option<F> {
         let mut pending = lock(&self.pending);
@@ -617,6 +628,15 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn failure_queue_serves_nothing_once_cleared() {
+        let queue = FailureQueue::new();
+        queue.push(usize::MAX, 'a');
+        assert_eq!(queue.next(), Some('a'));
+        queue.clear();
+        assert_eq!(queue.next(), None);
+    }
 
     #[test]
     fn failure_queue_serves_each_failure_its_count_in_order() {

@@ -43,6 +43,9 @@ use tokio::{
 /// The longest cool-down, unless the configured first one is longer.
 const MAX_COOLDOWN: Duration = Duration::from_secs(30);
 
+/// The shortest time a token that arrived expired is kept: see [`TokenCache::expired_on_arrival`].
+const MIN_EXPIRED_HOLD: Duration = Duration::from_secs(1);
+
 /// How a cache refreshes tokens and backs off after failures.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct CacheConfig {
@@ -78,6 +81,8 @@ struct Flight {
     pending: Option<(TokenWait, AbortHandle)>,
     /// The last fetch failed: its error stands for every fetch until the cool-down ends.
     failure: Option<Failure>,
+    /// The last token arrived expired (and that was logged).
+    arrived_expired: bool,
     next_id: u64,
 }
 
@@ -318,7 +323,12 @@ impl TokenCache {
             Ok(token) => {
                 flight.failure = None;
                 flight.next_id += 1;
-                let entry = Arc::new(self.entry(token, flight.next_id, now, after_rejection));
+                let (token, expired) = self.expired_on_arrival(token, now, &mut flight);
+                let entry = self.entry(token, flight.next_id, now, after_rejection);
+                if expired {
+                    entry.refresh_at.store(CLAIMED, Ordering::Release);
+                }
+                let entry = Arc::new(entry);
                 tracing::debug!(
                     lifetime_s = entry
                         .token
@@ -349,6 +359,31 @@ impl TokenCache {
                 Err(error)
             }
         }
+    }
+
+    /// A token that arrived already expired (a source with a wrong clock, or one that
+    /// hands out what it has) would make every request fetch again. It is used instead until
+    /// the fetch cool-down (at least [`MIN_EXPIRED_HOLD`]) ends, with no refresh before, so
+    /// such a source is asked at most once per cool-down; a WARN says so, once per run of
+    /// expired tokens. Returns the token to cache and whether it arrived expired.
+    fn expired_on_arrival(
+        &self,
+        token: AccessToken,
+        now: Instant,
+        flight: &mut Flight,
+    ) -> (AccessToken, bool) {
+        if token.expires_at().is_none_or(|at| at > now) {
+            flight.arrived_expired = false;
+            return (token, false);
+        }
+        let hold = self.config.fetch_cooldown.max(MIN_EXPIRED_HOLD);
+        if !std::mem::replace(&mut flight.arrived_expired, true) {
+            tracing::warn!(
+                hold_ms = hold.as_millis() as u64,
+                "the token source returned an expired token: using it, and fetching again no sooner than the cool-down"
+            );
+        }
+        (token.with_expires_in(hold), true)
     }
 
     fn entry(&self, token: AccessToken, id: u64, now: Instant, after_rejection: bool) -> Entry {
@@ -448,5 +483,71 @@ impl Future for FetchTask {
             }),
             Err(error) => Poll::Ready(Err(Arc::clone(error))),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::{
+        BlazeAuth,
+        test_helpers::{TestSource, inner},
+    };
+    use http::{Request, StatusCode};
+    use std::{
+        io::Write,
+        sync::{Arc, Mutex},
+        time::Duration,
+    };
+    use tower::ServiceExt;
+
+    /// Everything logged at WARN on this thread while the guard lives.
+    #[derive(Clone, Default)]
+    struct Warnings(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Warnings {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_source_of_expired_tokens_is_asked_once_per_cool_down_and_warned_about_once() {
+        let warnings = Warnings::default();
+        let writer = warnings.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::WARN)
+            .with_writer(move || writer.clone())
+            .finish();
+        let _guard = tracing::subscriber::set_default(subscriber);
+
+        // Every token it gives has expired as it arrives.
+        let source = TestSource::expiring(Duration::ZERO);
+        let (service, calls) = inner::<String, _>(|_| StatusCode::OK);
+        let client = BlazeAuth::new(service, source.clone(), "S");
+        let get = || Request::get("/Patient").body(String::new()).unwrap();
+        for _ in 0..10 {
+            let response = client.clone().oneshot(get()).await.unwrap();
+            assert_eq!(response.body(), "token-1");
+        }
+        assert_eq!(source.fetches(), 1, "not a fetch per request");
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 10);
+
+        // After the cool-down (1 s by default), one more fetch for the next 10.
+        tokio::time::advance(crate::DEFAULT_FETCH_COOLDOWN).await;
+        for _ in 0..10 {
+            client.clone().oneshot(get()).await.unwrap();
+        }
+        assert_eq!(source.fetches(), 2);
+
+        let logged = String::from_utf8(warnings.0.lock().unwrap().clone()).unwrap();
+        assert_eq!(
+            logged.matches("returned an expired token").count(),
+            1,
+            "{logged}"
+        );
     }
 }

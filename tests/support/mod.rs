@@ -42,11 +42,15 @@ pub enum Reply {
 }
 
 pub fn json(status: u16, body: &str) -> Reply {
+    text(status, "application/json", body)
+}
+
+pub fn text(status: u16, content_type: &str, body: &str) -> Reply {
     let mut response = Response::new(Full::from(body.to_owned()));
     *response.status_mut() = StatusCode::from_u16(status).unwrap();
     response
         .headers_mut()
-        .insert("content-type", "application/json".parse().unwrap());
+        .insert("content-type", content_type.parse().unwrap());
     Reply::Respond(response)
 }
 

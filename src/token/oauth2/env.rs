@@ -122,7 +122,9 @@ impl BlazeEnv {
     }
 
     /// A layer builder with the study, credentials for `BLAZE_BASE_URL`'s origin only, and
-    /// the partner id if set.
+    /// the partner id if set. A plain `http` `BLAZE_BASE_URL` on a host that is not loopback
+    /// makes its [`build`](Builder::build) fail unless
+    /// [`allow_http`](Builder::allow_http) is set on it.
     pub fn layer(&self, source: impl TokenSource + 'static) -> Builder {
         let builder = crate::BlazeAuthLayer::builder(source)
             .study(&self.research_study)

@@ -56,7 +56,7 @@ mod response;
 pub use self::https::TlsRoots;
 pub use self::{env::BlazeEnv, response::TokenError};
 
-use self::response::{MAX_BODY, ParseOptions};
+use self::response::{Echoes, MAX_BODY, ParseOptions};
 use crate::{
     blaze,
     error::{BoxError, Error},
@@ -70,7 +70,7 @@ use http::{
 };
 use http_body::Body;
 use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
-use std::{fmt, net::IpAddr, sync::Arc, time::Duration};
+use std::{fmt, sync::Arc, time::Duration};
 use tokio::time::Instant;
 use tower::{Service, ServiceExt, util::BoxCloneSyncService};
 use tracing::Instrument;
@@ -154,6 +154,8 @@ struct Inner {
     form: Bytes,
     /// The `Authorization: Basic` header, when the client authenticates so.
     basic: Option<HeaderValue>,
+    /// The forms of the secret that errors must not repeat.
+    echoes: Echoes,
     default_lifetime: Duration,
     request_timeout: Duration,
     max_attempts: u32,
@@ -221,8 +223,9 @@ impl ClientCredentials {
     }
 
     /// The key under which [`RedisShared`](crate::RedisShared) shares this source's tokens
-    /// among processes: the token URL, client id, scope and extra parameters, not the
-    /// secret.
+    /// among processes: the token URL, client id, scope and extra parameters, and a keyed
+    /// hash of the secret (see [`SharedKey`](crate::SharedKey)), so that a process with a
+    /// wrong or rotated secret fetches its own token instead of using its peers'.
     ///
     /// ```no_run
     /// use blaze_auth::{BlazeAuthLayer, ClientCredentials, RedisShared};
@@ -243,7 +246,8 @@ impl ClientCredentials {
     pub fn shared_key(&self) -> crate::token::redis::SharedKey {
         let inner = &self.inner;
         let mut key =
-            crate::token::redis::SharedKey::new(&inner.token_url.to_string(), &inner.client_id);
+            crate::token::redis::SharedKey::new(&inner.token_url.to_string(), &inner.client_id)
+                .client_secret(inner.secret.secret());
         if let Some(scope) = &inner.scope {
             key = key.scope(scope);
         }
@@ -357,7 +361,7 @@ impl Inner {
         let body = read_capped(body, parts.status).await?;
         let options = ParseOptions {
             default_lifetime: self.default_lifetime,
-            secret: self.secret.secret(),
+            echoes: &self.echoes,
         };
         response::parse(parts.status, &parts.headers, &body, &options)
     }
@@ -428,6 +432,12 @@ impl ClientCredentialsBuilder {
     }
 
     /// Adds a form parameter to every token request, e.g. `audience`. Default: none.
+    ///
+    /// The parameters the client sets itself are refused by [`build`](Self::build)
+    /// ([`Error::is_reserved_param`]), in any case, rather than sent twice (RFC 6749 section
+    /// 3.1 forbids it) or silently replaced: `grant_type` (always `client_credentials`),
+    /// `scope` (use [`scope`](Self::scope)), `client_id` and `client_secret` (given to the
+    /// constructor; [`auth`](Self::auth) says where they go).
     pub fn param(mut self, name: &str, value: &str) -> Self {
         self.params.push((name.into(), value.into()));
         self
@@ -441,8 +451,9 @@ impl ClientCredentialsBuilder {
         self
     }
 
-    /// Sets the lifetime of a token whose response has no `expires_in`. Default:
-    /// [`DEFAULT_LIFETIME`], one hour, as Blaze's tokens live.
+    /// Sets the lifetime of a token whose response has no `expires_in`, or one of 0 or less
+    /// (which says nothing usable: taken at its word, such a token would be fetched again
+    /// for every request). Default: [`DEFAULT_LIFETIME`], one hour, as Blaze's tokens live.
     pub fn default_lifetime(mut self, lifetime: Duration) -> Self {
         self.default_lifetime = lifetime;
         self
@@ -509,10 +520,15 @@ impl ClientCredentialsBuilder {
     ///
     /// If the token URL is not an absolute `http(s)` URL or carries user info
     /// ([`Error::is_invalid_url`]), is plain `http` to a host that is not loopback
-    /// ([`Error::is_insecure_url`]), if TLS cannot be set up ([`Error::is_tls`]), or if no
-    /// HTTP client was given and the `rustls` feature is off ([`Error::is_no_http_client`]).
+    /// ([`Error::is_insecure_url`]), if a [`param`](Self::param) is one the client sets
+    /// itself ([`Error::is_reserved_param`]), if TLS cannot be set up ([`Error::is_tls`]),
+    /// or if no HTTP client was given and the `rustls` feature is off
+    /// ([`Error::is_no_http_client`]).
     pub fn build(self) -> Result<ClientCredentials, Error> {
         let token_url = checked_url(&self.token_url, self.allow_http)?;
+        for (name, _) in &self.params {
+            check_param(name)?;
+        }
         let endpoint = format!(
             "{}://{}{}",
             token_url.scheme_str().unwrap_or_default(),
@@ -535,7 +551,10 @@ impl ClientCredentialsBuilder {
         let basic = match self.auth {
             ClientAuth::Post => {
                 form.append_pair("client_id", &self.client_id);
-                form.append_pair("client_secret", self.secret.secret());
+                // A public client has no secret, and sends none (RFC 6749 section 2.3.1).
+                if !self.secret.secret().is_empty() {
+                    form.append_pair("client_secret", self.secret.secret());
+                }
                 None
             }
             ClientAuth::Basic => Some(basic_header(&self.client_id, &self.secret)?),
@@ -547,6 +566,7 @@ impl ClientCredentialsBuilder {
             form.append_pair(name, value);
         }
 
+        let echoes = Echoes::new(&self.client_id, self.secret.secret());
         Ok(ClientCredentials {
             inner: Arc::new(Inner {
                 client,
@@ -562,6 +582,7 @@ impl ClientCredentialsBuilder {
                     .collect(),
                 form: Bytes::from(form.finish()),
                 basic,
+                echoes,
                 default_lifetime: self.default_lifetime,
                 request_timeout: self.request_timeout,
                 max_attempts: self.max_attempts,
@@ -595,16 +616,27 @@ pub(crate) fn checked_url(url: &str, allow_http: bool) -> Result<Uri, Error> {
     }
     match uri.scheme_str() {
         Some("https") => Ok(uri),
-        Some("http") if allow_http || is_loopback(authority.host()) => Ok(uri),
+        Some("http") if allow_http || crate::scope::is_loopback(authority.host()) => Ok(uri),
         Some("http") => Err(Error::insecure_url()),
         _ => Err(Error::invalid_url(None)),
     }
 }
 
-fn is_loopback(host: &str) -> bool {
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    host.eq_ignore_ascii_case("localhost")
-        || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+/// Refuses a form parameter the client sets itself, naming what sets it instead.
+fn check_param(name: &str) -> Result<(), Error> {
+    const RESERVED: [(&str, &str); 4] = [
+        ("grant_type", "always client_credentials"),
+        ("scope", "use ClientCredentialsBuilder::scope"),
+        ("client_id", "given to the constructor"),
+        ("client_secret", "given to the constructor"),
+    ];
+    match RESERVED
+        .iter()
+        .find(|(reserved, _)| reserved.eq_ignore_ascii_case(name))
+    {
+        Some(&(reserved, instead)) => Err(Error::reserved_param(reserved, instead)),
+        None => Ok(()),
+    }
 }
 
 /// `Basic base64(urlencode(id) ":" urlencode(secret))`, as RFC 6749 section 2.3.1 says.
@@ -660,6 +692,56 @@ mod tests {
         }
     }
 
+    #[tokio::test]
+    async fn a_public_client_sends_no_client_secret() {
+        let forms = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let record = Arc::clone(&forms);
+        let client = tower::service_fn(move |request: Request<Full<Bytes>>| {
+            let record = Arc::clone(&record);
+            async move {
+                let body = request.into_body().collect().await?.to_bytes();
+                record
+                    .lock()
+                    .unwrap()
+                    .push(String::from_utf8(body.to_vec())?);
+                let token = Bytes::from_static(br#"{"access_token":"t","token_type":"Bearer"}"#);
+                Ok::<_, BoxError>(Response::new(Full::new(token)))
+            }
+        });
+        let source = ClientCredentials::builder("https://h/token", "id", "")
+            .scope("s")
+            .param("audience", "a")
+            .http_client(client)
+            .build()
+            .unwrap();
+        source.fetch_token().await.unwrap();
+        assert_eq!(
+            *forms.lock().unwrap(),
+            ["grant_type=client_credentials&client_id=id&scope=s&audience=a"]
+        );
+    }
+
+    #[test]
+    fn parameters_the_client_sets_itself_are_refused() {
+        for name in ["grant_type", "scope", "client_id", "client_secret", "Scope"] {
+            let error = ClientCredentials::builder("https://h/token", "id", "secret")
+                .param(name, "x")
+                .build()
+                .unwrap_err();
+            assert!(error.is_reserved_param(), "{name}: {error:?}");
+            assert!(
+                error.to_string().contains(&name.to_ascii_lowercase()),
+                "{error}"
+            );
+        }
+        assert!(
+            ClientCredentials::builder("https://h/token", "id", "secret")
+                .param("audience", "x")
+                .build()
+                .is_ok()
+        );
+    }
+
     #[test]
     fn basic_header_encodes_as_rfc_6749_says() {
         let header = basic_header("id:1", &ClientSecret::from("s&cr t")).unwrap();
@@ -670,7 +752,7 @@ mod tests {
 
     #[cfg(feature = "redis")]
     #[test]
-    fn shared_key_follows_every_input_but_the_secret() {
+    fn shared_key_follows_every_input_and_the_secret_as_a_keyed_hash() {
         let key = |url: &str, id: &str, secret: &str, scope: &str, audience: &str| {
             ClientCredentials::builder(url, id, secret)
                 .scope(scope)
@@ -680,11 +762,9 @@ mod tests {
                 .shared_key()
         };
         let base = key("https://h/token", "id", "secret", "full", "a");
-        assert_eq!(
-            base,
-            key("https://h/token", "id", "other-secret", "full", "a")
-        );
+        assert_eq!(base, key("https://h/token", "id", "secret", "full", "a"));
         for other in [
+            key("https://h/token", "id", "other-secret", "full", "a"),
             key("https://h/token2", "id", "secret", "full", "a"),
             key("https://h/token", "id2", "secret", "full", "a"),
             key("https://h/token", "id", "secret", "read", "a"),

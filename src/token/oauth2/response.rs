@@ -3,8 +3,11 @@
 //! Nothing here panics on any input, reads more than [`MAX_BODY`], or copies a token, the
 //! client secret, or JSON parser messages (which quote input) into an error.
 
-use crate::{error::BoxError, token::AccessToken};
-use http::{HeaderMap, StatusCode, header::RETRY_AFTER};
+use crate::{error::BoxError, study::contains_ignore_case, token::AccessToken};
+use http::{
+    HeaderMap, StatusCode,
+    header::{CONTENT_TYPE, RETRY_AFTER},
+};
 use serde::Deserialize;
 use std::{
     fmt,
@@ -17,6 +20,9 @@ pub(crate) const MAX_BODY: usize = 64 * 1024;
 
 /// How many characters of an unexpected body an error shows.
 const EXCERPT_CHARS: usize = 80;
+
+/// How many characters of a `Content-Type` an error keeps.
+const CONTENT_TYPE_CHARS: usize = 64;
 
 /// How many characters of an OAuth `error_description` an error keeps.
 const DESCRIPTION_CHARS: usize = 200;
@@ -50,6 +56,9 @@ struct Inner {
     status: Option<StatusCode>,
     oauth: Option<OAuthError>,
     excerpt: Option<Box<str>>,
+    /// Content type and length of a success body that could not be used.
+    content_type: Option<Box<str>>,
+    length: Option<usize>,
     retry_after: Option<Duration>,
     source: Option<BoxError>,
 }
@@ -79,6 +88,8 @@ impl TokenError {
                 status,
                 oauth: None,
                 excerpt: None,
+                content_type: None,
+                length: None,
                 retry_after: None,
                 source: None,
             }),
@@ -156,7 +167,8 @@ impl TokenError {
         self.inner.oauth.as_ref().map(|oauth| &*oauth.code)
     }
 
-    /// The OAuth `error_description`, cleaned and shortened.
+    /// The OAuth `error_description`, cleaned and shortened; absent when it may echo the
+    /// client secret (see [`excerpt`](Self::excerpt)).
     pub fn oauth_description(&self) -> Option<&str> {
         self.inner.oauth.as_ref()?.description.as_deref()
     }
@@ -166,8 +178,11 @@ impl TokenError {
         self.inner.oauth.as_ref()?.uri.as_deref()
     }
 
-    /// The start of an unexpected response body, cleaned of control characters; absent when
-    /// the body might hold a token or the secret.
+    /// The start of an unexpected error response body, cleaned of control characters; absent
+    /// when the body might hold a token or the secret in any form it was sent in (raw,
+    /// form-urlencoded, percent-encoded, inside base64 Basic credentials), names
+    /// `client_secret`, or is a success (2xx) body: those are described by content type and
+    /// length in the message instead.
     pub fn excerpt(&self) -> Option<&str> {
         self.inner.excerpt.as_deref()
     }
@@ -209,7 +224,14 @@ impl fmt::Display for TokenError {
             Kind::Transport => return f.write_str("token request failed"),
         }
         if let Some(status) = self.inner.status {
-            write!(f, " ({status})")?;
+            write!(f, " ({status}")?;
+            if let Some(content_type) = &self.inner.content_type {
+                write!(f, ", {content_type}")?;
+            }
+            if let Some(length) = self.inner.length {
+                write!(f, ", {length} bytes")?;
+            }
+            f.write_str(")")?;
         }
         if let Some(oauth) = &self.inner.oauth {
             write!(f, ": {}", oauth.code)?;
@@ -235,6 +257,12 @@ impl fmt::Debug for TokenError {
         }
         if let Some(excerpt) = &self.inner.excerpt {
             debug.field("excerpt", excerpt);
+        }
+        if let Some(content_type) = &self.inner.content_type {
+            debug.field("content_type", content_type);
+        }
+        if let Some(length) = &self.inner.length {
+            debug.field("length", length);
         }
         if let Some(retry_after) = &self.inner.retry_after {
             debug.field("retry_after", retry_after);
@@ -282,10 +310,91 @@ impl fmt::Debug for RawResponse {
 
 /// What the parser needs to know besides the response.
 pub(crate) struct ParseOptions<'a> {
-    /// Lifetime of a token whose response has no `expires_in`.
+    /// Lifetime of a token whose response has no `expires_in`, or one of 0 or less.
     pub(crate) default_lifetime: Duration,
-    /// Scrubbed from anything an error repeats, should a server echo it.
-    pub(crate) secret: &'a str,
+    /// The forms of the client's credentials, kept out of anything an error repeats.
+    pub(crate) echoes: &'a Echoes,
+}
+
+/// The forms in which a client's secret travels to the token endpoint, to recognise it when
+/// the endpoint (or a gateway before it) echoes the request back.
+///
+/// The secret goes raw in nothing, but a server may decode what it got before echoing; it
+/// goes form-urlencoded in a `client_secret_post` body (space as `+`, or `%20` after a
+/// re-encoding), and base64-encoded in a `client_secret_basic` header, raw or form-encoded
+/// first (RFC 6749 section 2.3.1). Text is checked as it stands for every base64 form, and
+/// also percent-decoded (with and without `+` as space) and with JSON's `\/` undone, for the
+/// secret itself.
+pub(crate) struct Echoes {
+    secret: Box<str>,
+    /// The base64 forms of the Basic credentials: standard, unpadded and URL-safe.
+    encoded: Vec<Box<str>>,
+}
+
+impl Echoes {
+    pub(crate) fn new(client_id: &str, secret: &str) -> Self {
+        use base64::Engine as _;
+        use base64::engine::general_purpose::{STANDARD_NO_PAD, URL_SAFE_NO_PAD};
+        let mut encoded = Vec::new();
+        if !secret.is_empty() {
+            let form = |s: &str| form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
+            for credentials in [
+                format!("{client_id}:{secret}"),
+                format!("{}:{}", form(client_id), form(secret)),
+            ] {
+                // Unpadded forms are prefixes of the padded one: they find it as well.
+                for engine in [STANDARD_NO_PAD, URL_SAFE_NO_PAD] {
+                    encoded.push(engine.encode(&credentials).into());
+                }
+            }
+        }
+        Self {
+            secret: secret.into(),
+            encoded,
+        }
+    }
+
+    /// Whether `text` may hold the secret in a form it was sent in, or names
+    /// `client_secret` (an echo of the form, whatever the secret looks like in it).
+    pub(crate) fn in_text(&self, text: &str) -> bool {
+        if self.encoded.iter().any(|encoded| text.contains(&**encoded)) {
+            return true;
+        }
+        let views = [
+            std::borrow::Cow::Borrowed(text),
+            percent_decoded(text, false).into(),
+            percent_decoded(text, true).into(),
+            text.replace("\\/", "/").into(),
+        ];
+        views.iter().any(|view| {
+            (!self.secret.is_empty() && view.contains(&*self.secret))
+                || contains_ignore_case(view, "client_secret")
+        })
+    }
+}
+
+/// `text` with `%XX` escapes decoded (and `+` as a space, if `plus`), invalid UTF-8 replaced.
+fn percent_decoded(text: &str, plus: bool) -> String {
+    let bytes = text.as_bytes();
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                (Some(high), Some(low)) => {
+                    decoded.push((high * 16 + low) as u8);
+                    i += 3;
+                    continue;
+                }
+                _ => decoded.push(b'%'),
+            },
+            b'+' if plus => decoded.push(b' '),
+            byte => decoded.push(byte),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&decoded).into_owned()
 }
 
 /// Turns a token endpoint's response into a token, or into the error it means.
@@ -297,17 +406,22 @@ pub(crate) fn parse(
 ) -> Result<AccessToken, TokenError> {
     let parsed = serde_json::from_slice::<RawResponse>(body);
     let error = match parsed {
-        Ok(raw) if raw.error.is_some() => oauth_error(status, raw, options.secret),
-        Ok(raw) if status.is_success() => return token(status, raw, options),
+        Ok(raw) if raw.error.is_some() => oauth_error(status, raw, options.echoes),
+        Ok(raw) if status.is_success() => {
+            return token(status, raw, options)
+                .map_err(|error| error.with_shape(headers, body, options.echoes));
+        }
         Err(error) if status.is_success() => {
             let reason = match error.classify() {
                 serde_json::error::Category::Eof => "truncated JSON",
                 serde_json::error::Category::Data => "unexpected JSON shape",
                 _ => "not JSON",
             };
-            invalid(status, reason).with_excerpt(body, options.secret)
+            // A success body is never excerpted: a misconfigured URL or a proxy may answer
+            // with a bare token.
+            invalid(status, reason).with_shape(headers, body, options.echoes)
         }
-        _ => TokenError::new(Kind::Status, Some(status)).with_excerpt(body, options.secret),
+        _ => TokenError::new(Kind::Status, Some(status)).with_excerpt(body, options.echoes),
     };
     Err(error.with_retry_after(headers))
 }
@@ -325,9 +439,15 @@ fn token(
     if !token_type.eq_ignore_ascii_case("bearer") {
         return Err(invalid(status, "token_type is not Bearer"));
     }
+    // 0 or less says nothing usable about the lifetime: a token that expires as it arrives
+    // would be fetched again for every request. Treat it as unknown.
     let lifetime = match raw.expires_in {
         None | Some(serde_json::Value::Null) => options.default_lifetime,
-        Some(value) => seconds(&value).ok_or_else(|| invalid(status, "invalid expires_in"))?,
+        Some(value) => match seconds(&value) {
+            Some(lifetime) if lifetime.is_zero() => options.default_lifetime,
+            Some(lifetime) => lifetime,
+            None => return Err(invalid(status, "invalid expires_in")),
+        },
     };
     let token = AccessToken::bearer(&secret)
         .map_err(|_| invalid(status, "access_token is not a valid header value"))?
@@ -338,18 +458,25 @@ fn token(
     })
 }
 
-/// `expires_in` as a number of seconds, or a string holding one (some servers send that).
+/// `expires_in` as a number of seconds, or a string holding one (some servers send that);
+/// 0 or less is zero.
 fn seconds(value: &serde_json::Value) -> Option<Duration> {
     let number = match value {
         serde_json::Value::Number(number) => number.as_f64()?,
         serde_json::Value::String(text) => text.trim().parse::<f64>().ok()?,
         _ => return None,
     };
-    (number.is_finite() && number >= 0.0).then(|| Duration::from_secs_f64(number.min(1e12)))
+    number
+        .is_finite()
+        .then(|| Duration::from_secs_f64(number.clamp(0.0, 1e12)))
 }
 
-fn oauth_error(status: StatusCode, raw: RawResponse, secret: &str) -> TokenError {
-    let clean = |text: String, max| Some(clean(&text, max, secret)).filter(|t| !t.is_empty());
+fn oauth_error(status: StatusCode, raw: RawResponse, echoes: &Echoes) -> TokenError {
+    // A field that may echo the secret is left out whole: a redacted rest could still hold
+    // it in a form not recognised.
+    let clean = |text: String, max| {
+        Some(clean(&text, max)).filter(|t| !t.is_empty() && !echoes.in_text(&text))
+    };
     let code = raw.error.and_then(|code| clean(code, 64));
     let mut error = TokenError::new(Kind::OAuth, Some(status));
     error.inner.oauth = Some(OAuthError {
@@ -368,14 +495,26 @@ fn invalid(status: StatusCode, reason: &'static str) -> TokenError {
 
 impl TokenError {
     /// Adds the start of `body`, unless it might hold a token or the secret.
-    fn with_excerpt(mut self, body: &[u8], secret: &str) -> Self {
+    fn with_excerpt(mut self, body: &[u8], echoes: &Echoes) -> Self {
         let start = String::from_utf8_lossy(&body[..body.len().min(4 * EXCERPT_CHARS)]);
-        let risky = start.to_ascii_lowercase().contains("token")
-            || (!secret.is_empty() && String::from_utf8_lossy(body).contains(secret));
+        let risky =
+            contains_ignore_case(&start, "token") || echoes.in_text(&String::from_utf8_lossy(body));
         if !risky {
-            let excerpt = clean(&start, EXCERPT_CHARS, secret);
+            let excerpt = clean(&start, EXCERPT_CHARS);
             self.inner.excerpt = Some(excerpt).filter(|e| !e.is_empty());
         }
+        self
+    }
+
+    /// Adds the content type and length of a body that is not excerpted.
+    fn with_shape(mut self, headers: &HeaderMap, body: &[u8], echoes: &Echoes) -> Self {
+        self.inner.content_type = headers
+            .get(CONTENT_TYPE)
+            .map(|value| String::from_utf8_lossy(value.as_bytes()))
+            .filter(|value| !echoes.in_text(value))
+            .map(|value| clean(&value, CONTENT_TYPE_CHARS))
+            .filter(|value| !value.is_empty());
+        self.inner.length = Some(body.len());
         self
     }
 
@@ -395,8 +534,8 @@ impl TokenError {
 }
 
 /// `text` with runs of white space and control characters made one space, cut to `max`
-/// characters, and any occurrence of the secret replaced.
-fn clean(text: &str, max: usize, secret: &str) -> Box<str> {
+/// characters.
+fn clean(text: &str, max: usize) -> Box<str> {
     let mut cleaned = String::with_capacity(text.len().min(max * 4));
     for word in text.split(|c: char| c.is_whitespace() || c.is_control()) {
         if word.is_empty() {
@@ -409,9 +548,6 @@ fn clean(text: &str, max: usize, secret: &str) -> Box<str> {
         if cleaned.len() > max * 4 {
             break;
         }
-    }
-    if !secret.is_empty() && cleaned.contains(secret) {
-        cleaned = cleaned.replace(secret, "[redacted]");
     }
     match cleaned.char_indices().nth(max) {
         Some((end, _)) => format!("{}...", &cleaned[..end]).into(),
@@ -426,9 +562,11 @@ mod tests {
     const SECRET: &str = "client-s3cret";
 
     fn options() -> ParseOptions<'static> {
+        static ECHOES: std::sync::LazyLock<Echoes> =
+            std::sync::LazyLock::new(|| Echoes::new("id", SECRET));
         ParseOptions {
             default_lifetime: Duration::from_secs(3600),
-            secret: SECRET,
+            echoes: &ECHOES,
         }
     }
 
@@ -477,6 +615,21 @@ mod tests {
         );
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn expires_in_of_zero_or_less_means_the_default_lifetime() {
+        let now = tokio::time::Instant::now();
+        for expires_in in ["0", "-5", "0.0", "\"0\"", "\"-1\"", "-1e300"] {
+            let token = parse_ok(&format!(
+                r#"{{"access_token":"t","expires_in":{expires_in}}}"#
+            ));
+            assert_eq!(
+                token.expires_at(),
+                Some(now + Duration::from_secs(3600)),
+                "{expires_in}"
+            );
+        }
+    }
+
     #[test]
     fn unusable_success_responses_are_invalid() {
         let cases: &[(&[u8], &str)] = &[
@@ -496,10 +649,6 @@ mod tests {
             (
                 b"{\"access_token\":\"t\",\"token_type\":\"mac\"}",
                 "token_type is not Bearer",
-            ),
-            (
-                b"{\"access_token\":\"t\",\"expires_in\":-5}",
-                "invalid expires_in",
             ),
             (
                 b"{\"access_token\":\"t\",\"expires_in\":\"soon\"}",
@@ -584,6 +733,120 @@ mod tests {
                 "{shown}"
             );
         }
+    }
+
+    /// A secret as Azure AD issues them, with every character that encodes differently.
+    const ODD_SECRET: &str = "Ab~c+d/e=f g.h_i-9";
+
+    /// Every form in which `ODD_SECRET` travels, or a server re-encodes it.
+    fn odd_secret_forms() -> Vec<String> {
+        use base64::Engine as _;
+        use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE};
+        let form = |s: &str| form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
+        let basic_raw = format!("my id:{ODD_SECRET}");
+        let basic_form = format!("{}:{}", form("my id"), form(ODD_SECRET));
+        vec![
+            ODD_SECRET.to_owned(),
+            form(ODD_SECRET),                        // Ab%7Ec%2Bd%2Fe%3Df+g.h_i-9
+            form(ODD_SECRET).replace('+', "%20"),    // re-encoded, space as %20
+            "Ab%7ec%2bd%2fe%3df+g.h_i-9".to_owned(), // lower-case escapes
+            "Ab~c%2Bd%2Fe%3Df%20g.h_i-9".to_owned(), // encodeURIComponent
+            STANDARD.encode(&basic_raw),
+            STANDARD.encode(&basic_form),
+            STANDARD_NO_PAD.encode(&basic_form),
+            URL_SAFE.encode(&basic_raw),
+            ODD_SECRET.replace('/', "\\/"), // JSON-escaped
+        ]
+    }
+
+    fn parse_with(status: u16, content_type: &str, body: &str) -> TokenError {
+        let echoes = Echoes::new("my id", ODD_SECRET);
+        let options = ParseOptions {
+            default_lifetime: Duration::from_secs(3600),
+            echoes: &echoes,
+        };
+        let mut headers = HeaderMap::new();
+        headers.insert(CONTENT_TYPE, content_type.parse().unwrap());
+        let status = StatusCode::from_u16(status).unwrap();
+        parse(status, &headers, body.as_bytes(), &options).unwrap_err()
+    }
+
+    fn shown(error: &TokenError) -> String {
+        format!(
+            "{error} {error:?} {:?} {:?}",
+            error.oauth_description(),
+            error.excerpt()
+        )
+    }
+
+    #[test]
+    fn no_form_of_the_secret_is_ever_repeated() {
+        for form in odd_secret_forms() {
+            let cases = [
+                (
+                    400,
+                    "application/json",
+                    format!(r#"{{"error":"invalid_client","error_description":"got {form}"}}"#),
+                ),
+                (
+                    401,
+                    "application/json",
+                    format!(r#"{{"error":"invalid_client","echo":"{form}"}}"#),
+                ),
+                (500, "text/html", format!("<p>request was: {form}</p>")),
+                (502, "text/plain", format!("Authorization: Basic {form}")),
+                (400, "application/json", format!(r#"{{"error":"{form}"}}"#)),
+            ];
+            for (status, content_type, body) in cases {
+                let error = parse_with(status, content_type, &body);
+                let shown = shown(&error);
+                for piece in [form.as_str(), "Ab~c", "e=f g"] {
+                    assert!(!shown.contains(piece), "{piece} of {form} in {shown}");
+                }
+            }
+        }
+        // The OAuth code stays; only the field that echoed is left out.
+        let error = parse_with(
+            400,
+            "application/json",
+            r#"{"error":"invalid_client","error_description":"secret Ab%7Ec%2Bd%2Fe%3Df+g.h_i-9 is wrong"}"#,
+        );
+        assert_eq!(error.oauth_error(), Some("invalid_client"));
+        assert_eq!(error.oauth_description(), None);
+    }
+
+    #[test]
+    fn a_body_that_names_client_secret_is_not_repeated() {
+        let error = parse_with(400, "text/plain", "missing parameter: CLIENT_SECRET=");
+        assert_eq!(error.excerpt(), None);
+        let error = parse_with(
+            400,
+            "application/json",
+            r#"{"error":"invalid_request","error_description":"client_secret=xyz"}"#,
+        );
+        assert_eq!(error.oauth_description(), None);
+        // A harmless body still is.
+        let error = parse_with(502, "text/plain", "upstream unavailable");
+        assert_eq!(error.excerpt(), Some("upstream unavailable"));
+    }
+
+    #[test]
+    fn a_success_body_is_described_never_repeated() {
+        // A bare token, as a misconfigured URL or a proxy may send it.
+        let error = parse_with(
+            200,
+            "text/plain; charset=utf-8",
+            "eyJhbGciOiJSUzI1NiJ9.bare",
+        );
+        assert!(error.is_invalid_response());
+        assert_eq!(error.excerpt(), None);
+        assert_eq!(
+            error.to_string(),
+            "invalid token response: not JSON (200 OK, text/plain; charset=utf-8, 25 bytes)"
+        );
+        assert!(!format!("{error:?}").contains("bare"));
+        let error = parse_with(200, "application/json", r#"{"token":"eyJ.bare"}"#);
+        assert!(!shown(&error).contains("bare"), "{}", shown(&error));
     }
 
     #[test]

@@ -1,0 +1,241 @@
+//! Where a layer's credentials may go: its credential scope.
+//!
+//! By default the scope is Blaze's two gateways ([`blaze::STAGING_URL`],
+//! [`blaze::PRODUCTION_URL`]) and loopback hosts (`127.0.0.0/8`, `::1`, `localhost`, any port,
+//! `http` or `https`). Naming an origin replaces that default; [`Scope::Any`] takes every
+//! origin. Plain `http` to a host that is not loopback gets credentials only when allowed.
+
+use crate::{blaze, error::Error};
+use http::Uri;
+use std::{fmt, net::IpAddr};
+
+/// The origins a layer authenticates requests to.
+#[derive(Clone, Debug)]
+pub(crate) enum Scope {
+    /// Blaze's gateways and loopback hosts.
+    Default,
+    /// The origins the user named, and only those.
+    Named(Vec<Origin>),
+    /// Every origin: the user opted in.
+    Any,
+}
+
+/// What a request to some URI gets.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Decision {
+    /// Credentials.
+    Authenticate,
+    /// Nothing: it goes on untouched.
+    PassThrough,
+}
+
+impl Scope {
+    /// Whether a request to `uri` gets credentials.
+    ///
+    /// A relative URI does (the inner service picks its origin, as a tonic channel does). An
+    /// absolute one does if its origin is in the scope; plain `http` to a host that is not
+    /// loopback, in an open scope without `allow_http`, is an error: sending it without the
+    /// credentials the user asked for everywhere would be as wrong as sending them in clear.
+    pub(crate) fn decide(&self, uri: &Uri, allow_http: bool) -> Result<Decision, Error> {
+        let (Some(scheme), Some(host)) = (uri.scheme_str(), uri.host()) else {
+            return Ok(Decision::Authenticate);
+        };
+        let port = uri.port_u16().or_else(|| default_port(scheme));
+        let inside = match self {
+            Scope::Default => {
+                // The gateways first: the common case in production, and cheaper.
+                scheme.eq_ignore_ascii_case("https")
+                    && port == Some(443)
+                    && [blaze::STAGING_URL, blaze::PRODUCTION_URL]
+                        .iter()
+                        .filter_map(|url| url.strip_prefix("https://"))
+                        .any(|gateway| gateway.eq_ignore_ascii_case(host))
+                    || is_loopback(host) && port.is_some()
+            }
+            Scope::Named(origins) => origins.iter().any(|o| o.matches(scheme, host, port)),
+            Scope::Any => {
+                let cleartext = scheme.eq_ignore_ascii_case("http") && !is_loopback(host);
+                if cleartext && !allow_http {
+                    return Err(Error::insecure_url());
+                }
+                port.is_some()
+            }
+        };
+        if inside {
+            Ok(Decision::Authenticate)
+        } else {
+            tracing::debug!(
+                origin = %format_args!("{scheme}://{host}{}", port.map(|p| format!(":{p}")).unwrap_or_default()),
+                "request outside the credential scope: sent without credentials"
+            );
+            Ok(Decision::PassThrough)
+        }
+    }
+}
+
+/// Scheme, host and port, the port made explicit; scheme and host in lower case.
+#[derive(Clone, PartialEq, Eq)]
+pub(crate) struct Origin {
+    scheme: Box<str>,
+    host: Box<str>,
+    port: u16,
+}
+
+impl Origin {
+    /// The origin of `url` (its path is ignored), checked for use as a credential scope.
+    ///
+    /// # Errors
+    ///
+    /// If `url` has no `http(s)` scheme or no host ([`Error::is_invalid_url`]), or is plain
+    /// `http` to a host that is not loopback and `allow_http` is false
+    /// ([`Error::is_insecure_url`]).
+    pub(crate) fn parse(url: &str, allow_http: bool) -> Result<Self, Error> {
+        let uri: Uri = url
+            .parse()
+            .map_err(|e: http::uri::InvalidUri| Error::invalid_url(Some(e.into())))?;
+        let scheme = uri.scheme_str().map(str::to_ascii_lowercase);
+        let (Some(scheme), Some(host)) = (scheme, uri.host()) else {
+            return Err(Error::invalid_url(None));
+        };
+        let port = uri
+            .port_u16()
+            .or_else(|| default_port(&scheme))
+            .ok_or_else(|| Error::invalid_url(None))?;
+        if scheme == "http" && !allow_http && !is_loopback(host) {
+            return Err(Error::insecure_url());
+        }
+        Ok(Self {
+            host: host.to_ascii_lowercase().into(),
+            scheme: scheme.into(),
+            port,
+        })
+    }
+}
+
+impl Origin {
+    fn matches(&self, scheme: &str, host: &str, port: Option<u16>) -> bool {
+        port == Some(self.port)
+            && scheme.eq_ignore_ascii_case(&self.scheme)
+            && host.eq_ignore_ascii_case(&self.host)
+    }
+}
+
+impl fmt::Debug for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}://{}:{}", self.scheme, self.host, self.port)
+    }
+}
+
+fn default_port(scheme: &str) -> Option<u16> {
+    if scheme.eq_ignore_ascii_case("https") {
+        Some(443)
+    } else if scheme.eq_ignore_ascii_case("http") {
+        Some(80)
+    } else {
+        None
+    }
+}
+
+/// Whether `host` (as a URI has it: IPv6 in brackets) is a loopback host: `127.0.0.0/8`,
+/// `::1` or `localhost`.
+pub(crate) fn is_loopback(host: &str) -> bool {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decide(scope: &Scope, uri: &str, allow_http: bool) -> Result<Decision, Error> {
+        scope.decide(&uri.parse().unwrap(), allow_http)
+    }
+
+    #[test]
+    fn the_default_scope_is_blazes_gateways_and_loopback() {
+        for inside in [
+            "https://apigateway.apps.stageapi.mskcc.org/msk-apim/external/v2/crit/blaze/api/Patient",
+            "https://APIGATEWAY.apps.prodapi.mskcc.org:443/x",
+            "http://127.0.0.1:8080/Patient",
+            "https://127.8.9.10/Patient",
+            "http://[::1]:9000/Patient",
+            "http://LocalHost/Patient",
+            "/Patient",
+        ] {
+            assert_eq!(
+                decide(&Scope::Default, inside, false).unwrap(),
+                Decision::Authenticate,
+                "{inside}"
+            );
+        }
+        for outside in [
+            "https://evil.example/collect",
+            "http://apigateway.apps.stageapi.mskcc.org/x",
+            "https://apigateway.apps.stageapi.mskcc.org:8443/x",
+            "https://apigateway.apps.stageapi.mskcc.org.evil.example/x",
+            "https://localhost.evil.example/x",
+            "http://10.0.0.1/x",
+            "ftp://127.0.0.1/x",
+        ] {
+            assert_eq!(
+                decide(&Scope::Default, outside, true).unwrap(),
+                Decision::PassThrough,
+                "{outside}"
+            );
+        }
+    }
+
+    #[test]
+    fn any_origin_refuses_cleartext_to_other_hosts_unless_allowed() {
+        assert_eq!(
+            decide(&Scope::Any, "https://anywhere.example/x", false).unwrap(),
+            Decision::Authenticate
+        );
+        assert_eq!(
+            decide(&Scope::Any, "http://127.0.0.1/x", false).unwrap(),
+            Decision::Authenticate
+        );
+        let error = decide(&Scope::Any, "http://anywhere.example/x", false).unwrap_err();
+        assert!(error.is_insecure_url(), "{error:?}");
+        assert_eq!(
+            decide(&Scope::Any, "http://anywhere.example/x", true).unwrap(),
+            Decision::Authenticate
+        );
+    }
+
+    #[test]
+    fn origins_are_checked_when_named() {
+        let origin = Origin::parse("HTTPS://Blaze.Example/api/", false).unwrap();
+        assert_eq!(format!("{origin:?}"), "https://blaze.example:443");
+        assert!(
+            Origin::parse("http://blaze.example", false)
+                .unwrap_err()
+                .is_insecure_url()
+        );
+        assert!(Origin::parse("http://blaze.example", true).is_ok());
+        assert!(Origin::parse("http://localhost:3000", false).is_ok());
+        for bad in ["blaze.example", "/path", "not a url", "ftp://h/x"] {
+            assert!(
+                Origin::parse(bad, true).unwrap_err().is_invalid_url(),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn loopback_hosts() {
+        for host in [
+            "127.0.0.1",
+            "127.255.0.9",
+            "[::1]",
+            "localhost",
+            "LOCALHOST",
+        ] {
+            assert!(is_loopback(host), "{host}");
+        }
+        for host in ["10.0.0.1", "localhost.evil.example", "[::2]", "0.0.0.0"] {
+            assert!(!is_loopback(host), "{host}");
+        }
+    }
+}
