@@ -367,6 +367,29 @@ mod middleware {
         );
     }
 
+    #[tokio::test]
+    async fn plain_http_in_an_open_scope_is_refused_before_anything_is_sent() {
+        let source = blaze_auth::StaticToken::new(blaze_auth::AccessToken::bearer("t").unwrap());
+        let layer = BlazeAuthLayer::builder(source)
+            .study(DEMO_STUDY)
+            .any_origin()
+            .build()
+            .unwrap();
+        let client = client(BlazeMiddleware::from(&layer));
+        // Never resolved: the middleware refuses before reqwest connects.
+        let error = client
+            .get("http://blaze.invalid/Patient")
+            .send()
+            .await
+            .unwrap_err();
+        let reqwest_middleware::Error::Middleware(error) = error else {
+            panic!("{error:?}");
+        };
+        let error = error.downcast_ref::<blaze_auth::Error>().unwrap();
+        assert!(error.is_insecure_url(), "{error:?}");
+        assert_eq!(layer.metrics().token_fetches, 0);
+    }
+
     #[test]
     fn the_middleware_is_send_sync_and_clone() {
         fn assert_send_sync_clone<T: Send + Sync + Clone + 'static>() {}
