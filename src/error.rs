@@ -192,10 +192,18 @@ impl Error {
         self.kind == Kind::InvalidKey
     }
 
-    /// A form parameter given to [`ClientCredentialsBuilder::param`](crate::token::oauth2::ClientCredentialsBuilder::param)
-    /// is one the client sets itself (`grant_type`, `scope`, `client_id`, `client_secret`,
-    /// in any case): RFC 6749 forbids sending a parameter twice. The message names it and
-    /// the method that sets it.
+    /// A form parameter given to [`ClientCredentialsBuilder::param`] is one the client sets
+    /// itself (`grant_type`, `scope`, `client_id`, `client_secret`, in any case): RFC 6749
+    /// forbids sending a parameter twice. The message names it and the method that sets it.
+    ///
+    #[cfg_attr(
+        feature = "oauth2",
+        doc = "[`ClientCredentialsBuilder::param`]: crate::token::oauth2::ClientCredentialsBuilder::param"
+    )]
+    #[cfg_attr(
+        not(feature = "oauth2"),
+        doc = "[`ClientCredentialsBuilder::param`]: crate#feature-flags"
+    )]
     pub fn is_reserved_param(&self) -> bool {
         matches!(self.kind, Kind::ReservedParam { .. })
     }
