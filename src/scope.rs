@@ -3,7 +3,8 @@
 //! By default the scope is Blaze's two gateways ([`blaze::STAGING_URL`],
 //! [`blaze::PRODUCTION_URL`]) and loopback hosts (`127.0.0.0/8`, `::1`, `localhost`, any port,
 //! `http` or `https`). Naming an origin replaces that default; [`Scope::Any`] takes every
-//! origin. Plain `http` to a host that is not loopback gets credentials only when allowed.
+//! origin. Plain `http` to a host that is not loopback gets credentials only when allowed; no
+//! scheme other than `http` and `https` ever gets them, whatever its host and port.
 
 use crate::{blaze, error::Error};
 use http::Uri;
@@ -40,32 +41,37 @@ impl Scope {
         let (Some(scheme), Some(host)) = (uri.scheme_str(), uri.host()) else {
             return Ok(Decision::Authenticate);
         };
-        let port = uri.port_u16().or_else(|| default_port(scheme));
-        let inside = match self {
-            Scope::Default => {
+        // Only `http` and `https` ever get credentials, whatever the host and port.
+        let port = default_port(scheme).map(|default| uri.port_u16().unwrap_or(default));
+        let inside = match (self, port) {
+            (_, None) => false,
+            (Scope::Default, Some(port)) => {
                 // The gateways first: the common case in production, and cheaper.
                 scheme.eq_ignore_ascii_case("https")
-                    && port == Some(443)
+                    && port == 443
                     && [blaze::STAGING_URL, blaze::PRODUCTION_URL]
                         .iter()
                         .filter_map(|url| url.strip_prefix("https://"))
                         .any(|gateway| gateway.eq_ignore_ascii_case(host))
-                    || is_loopback(host) && port.is_some()
+                    || is_loopback(host)
             }
-            Scope::Named(origins) => origins.iter().any(|o| o.matches(scheme, host, port)),
-            Scope::Any => {
+            (Scope::Named(origins), Some(port)) => {
+                origins.iter().any(|o| o.matches(scheme, host, port))
+            }
+            (Scope::Any, Some(_)) => {
                 let cleartext = scheme.eq_ignore_ascii_case("http") && !is_loopback(host);
                 if cleartext && !allow_http {
                     return Err(Error::insecure_url());
                 }
-                port.is_some()
+                true
             }
         };
         if inside {
             Ok(Decision::Authenticate)
         } else {
+            let port = uri.port_u16().map(|p| format!(":{p}")).unwrap_or_default();
             tracing::debug!(
-                origin = %format_args!("{scheme}://{host}{}", port.map(|p| format!(":{p}")).unwrap_or_default()),
+                origin = %format_args!("{scheme}://{host}{port}"),
                 "request outside the credential scope: sent without credentials"
             );
             Ok(Decision::PassThrough)
@@ -86,7 +92,8 @@ impl Origin {
     ///
     /// # Errors
     ///
-    /// If `url` has no `http(s)` scheme or no host ([`Error::is_invalid_url`]), or is plain
+    /// If `url` has no `http(s)` scheme or no host, or has user info
+    /// ([`Error::is_invalid_url`]), or is plain
     /// `http` to a host that is not loopback and `allow_http` is false
     /// ([`Error::is_insecure_url`]).
     pub(crate) fn parse(url: &str, allow_http: bool) -> Result<Self, Error> {
@@ -97,9 +104,12 @@ impl Origin {
         let (Some(scheme), Some(host)) = (scheme, uri.host()) else {
             return Err(Error::invalid_url(None));
         };
-        let port = uri
-            .port_u16()
-            .or_else(|| default_port(&scheme))
+        // User info names no origin, and is a secret of its own: refused, as the token
+        // endpoint refuses it.
+        let user_info = uri.authority().is_some_and(|a| a.as_str().contains('@'));
+        let port = default_port(&scheme)
+            .filter(|_| !user_info)
+            .map(|default| uri.port_u16().unwrap_or(default))
             .ok_or_else(|| Error::invalid_url(None))?;
         if scheme == "http" && !allow_http && !is_loopback(host) {
             return Err(Error::insecure_url());
@@ -113,8 +123,8 @@ impl Origin {
 }
 
 impl Origin {
-    fn matches(&self, scheme: &str, host: &str, port: Option<u16>) -> bool {
-        port == Some(self.port)
+    fn matches(&self, scheme: &str, host: &str, port: u16) -> bool {
+        port == self.port
             && scheme.eq_ignore_ascii_case(&self.scheme)
             && host.eq_ignore_ascii_case(&self.host)
     }
@@ -149,7 +159,8 @@ mod tests {
     use super::*;
 
     fn decide(scope: &Scope, uri: &str, allow_http: bool) -> Result<Decision, Error> {
-        scope.decide(&uri.parse().unwrap(), allow_http)
+        let uri = uri.parse().unwrap_or_else(|e| panic!("{uri}: {e}"));
+        scope.decide(&uri, allow_http)
     }
 
     #[test]
@@ -161,6 +172,7 @@ mod tests {
             "https://127.8.9.10/Patient",
             "http://[::1]:9000/Patient",
             "http://LocalHost/Patient",
+            "HTTPS://evil.example@APIGATEWAY.apps.prodapi.mskcc.org/x",
             "/Patient",
         ] {
             assert_eq!(
@@ -177,6 +189,14 @@ mod tests {
             "https://localhost.evil.example/x",
             "http://10.0.0.1/x",
             "ftp://127.0.0.1/x",
+            // The host is what follows the user info.
+            "https://apigateway.apps.stageapi.mskcc.org@evil.example/x",
+            // Names that resolve to loopback elsewhere, or might, are not loopback here.
+            "https://127.0.0.1.nip.io/x",
+            "http://localhost./x",
+            "https://apigateway.apps.stageapi.mskcc.org./x",
+            "http://[::ffff:127.0.0.1]/x",
+            "http://2130706433/x",
         ] {
             assert_eq!(
                 decide(&Scope::Default, outside, true).unwrap(),
@@ -216,6 +236,41 @@ mod tests {
         assert!(Origin::parse("http://blaze.example", true).is_ok());
         assert!(Origin::parse("http://localhost:3000", false).is_ok());
         for bad in ["blaze.example", "/path", "not a url", "ftp://h/x"] {
+            assert!(
+                Origin::parse(bad, true).unwrap_err().is_invalid_url(),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn only_http_and_https_ever_get_credentials() {
+        // An explicit port gave other schemes a way in: the loopback default and an open scope
+        // checked the host and the port, never the scheme.
+        let named = Scope::Named(vec![Origin::parse("https://blaze.example", false).unwrap()]);
+        for (scope, uri) in [
+            (&Scope::Default, "ftp://127.0.0.1:21/x"),
+            (&Scope::Default, "ws://localhost:8080/x"),
+            (&Scope::Any, "ws://anywhere.example:80/x"),
+            (&Scope::Any, "foo://anywhere.example:443/x"),
+            (&named, "wss://blaze.example:443/x"),
+        ] {
+            assert_eq!(
+                decide(scope, uri, false).unwrap(),
+                Decision::PassThrough,
+                "{uri}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_named_origin_is_http_or_https_without_user_info() {
+        for bad in [
+            "ftp://blaze.example:21",
+            "ws://blaze.example:80",
+            "https://user:pw@blaze.example",
+            "https://blaze.example@evil.example",
+        ] {
             assert!(
                 Origin::parse(bad, true).unwrap_err().is_invalid_url(),
                 "{bad}"

@@ -162,16 +162,34 @@ impl BlazeEnv {
 }
 
 impl fmt::Debug for BlazeEnv {
+    /// The URLs without any user info (a password, which the token source and the layer
+    /// refuse, but a misconfigured variable may hold) and the partner id redacted, as the
+    /// layer marks its header sensitive.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("BlazeEnv")
-            .field("base_url", &self.base_url)
-            .field("token_url", &self.token_url)
+            .field("base_url", &without_user_info(&self.base_url))
+            .field("token_url", &without_user_info(&self.token_url))
             .field("client_id", &self.client_id)
             .field("client_secret", &self.client_secret)
             .field("scope", &self.scope)
             .field("research_study", &self.research_study)
-            .field("partner_id", &self.partner_id)
+            .field(
+                "partner_id",
+                &self.partner_id.as_ref().map(|_| "[redacted]"),
+            )
             .finish()
+    }
+}
+
+/// `url` with the user info of its authority, if any, replaced by `[redacted]`.
+fn without_user_info(url: &str) -> std::borrow::Cow<'_, str> {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.into();
+    };
+    let (authority, tail) = rest.split_at(rest.find(['/', '?', '#']).unwrap_or(rest.len()));
+    match authority.rsplit_once('@') {
+        Some((_, host)) => format!("{scheme}://[redacted]@{host}{tail}").into(),
+        None => url.into(),
     }
 }
 
@@ -195,6 +213,25 @@ mod tests {
         ("BLAZE_RESEARCH_STUDY", "FHIR-T"),
         ("BLAZE_PARTNER_ID", "p-1"),
     ];
+
+    #[test]
+    fn debug_shows_no_password_in_a_url_nor_the_partner_id() {
+        let mut vars = FULL;
+        vars[0] = ("BLAZE_BASE_URL", "https://user:pa55word@blaze.example/");
+        let env = read(&vars).unwrap().unwrap();
+        let shown = format!("{env:?}");
+        for secret in ["pa55word", "env-secret", "p-1"] {
+            assert!(!shown.contains(secret), "{secret} in {shown}");
+        }
+        assert!(
+            shown.contains("https://[redacted]@blaze.example/msk-apim"),
+            "{shown}"
+        );
+        assert_eq!(
+            without_user_info("https://blaze.example/a@b?c=@"),
+            "https://blaze.example/a@b?c=@"
+        );
+    }
 
     #[test]
     fn nothing_set_is_none() {

@@ -180,7 +180,8 @@ impl TokenError {
 
     /// The start of an unexpected error response body, cleaned of control characters; absent
     /// when the body might hold a token or the secret in any form it was sent in (raw,
-    /// form-urlencoded, percent-encoded, inside base64 Basic credentials), names
+    /// form-urlencoded, percent-encoded, JSON-escaped, inside base64 Basic credentials) or 8
+    /// characters of it in a row, names
     /// `client_secret`, or is a success (2xx) body: those are described by content type and
     /// length in the message instead.
     pub fn excerpt(&self) -> Option<&str> {
@@ -354,23 +355,91 @@ impl Echoes {
         }
     }
 
-    /// Whether `text` may hold the secret in a form it was sent in, or names
+    /// Whether `text` may hold the secret in a form it was sent in, or part of it, or names
     /// `client_secret` (an echo of the form, whatever the secret looks like in it).
+    ///
+    /// Besides `text` as it stands, its readings with JSON string escapes undone (`\/`,
+    /// `\u002B`, as JSON encoders write them) and with percent escapes decoded once or twice
+    /// (a server may re-encode what it got) are searched. Any [`PARTIAL_CHARS`] characters of
+    /// the secret in a row count: servers cut long values short.
     pub(crate) fn in_text(&self, text: &str) -> bool {
         if self.encoded.iter().any(|encoded| text.contains(&**encoded)) {
             return true;
         }
-        let views = [
-            std::borrow::Cow::Borrowed(text),
-            percent_decoded(text, false).into(),
-            percent_decoded(text, true).into(),
-            text.replace("\\/", "/").into(),
-        ];
-        views.iter().any(|view| {
-            (!self.secret.is_empty() && view.contains(&*self.secret))
-                || contains_ignore_case(view, "client_secret")
+        [text.to_owned(), json_unescaped(text)].iter().any(|base| {
+            let once = percent_decoded(base, false);
+            let twice = percent_decoded(&once, true);
+            let views = [base, &once, &percent_decoded(base, true), &twice];
+            views
+                .iter()
+                .any(|view| self.secret_in(view) || contains_ignore_case(view, "client_secret"))
         })
     }
+
+    /// Whether `view` holds the secret, or any [`PARTIAL_CHARS`] characters of it in a row.
+    fn secret_in(&self, view: &str) -> bool {
+        let chars: Vec<usize> = self.secret.char_indices().map(|(i, _)| i).collect();
+        if chars.len() <= PARTIAL_CHARS {
+            return !self.secret.is_empty() && view.contains(&*self.secret);
+        }
+        (0..=chars.len() - PARTIAL_CHARS).any(|start| {
+            let end = chars
+                .get(start + PARTIAL_CHARS)
+                .copied()
+                .unwrap_or(self.secret.len());
+            view.contains(&self.secret[chars[start]..end])
+        })
+    }
+}
+
+/// How many characters of the client secret in a row an echo must hold to count as one.
+/// Fewer would see the secret in ordinary words; a random secret's 8 characters are not in
+/// any text by chance.
+const PARTIAL_CHARS: usize = 8;
+
+/// `text` with JSON string escapes (`\"`, `\\`, `\/`, `\n` and the like, `\uXXXX` with
+/// surrogate pairs) undone; anything else as it stands, a lone surrogate as U+FFFD.
+fn json_unescaped(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find('\\') {
+        out.push_str(&rest[..at]);
+        rest = &rest[at..];
+        let unit = |s: &str| {
+            s.get(2..6)
+                .and_then(|hex| u32::from_str_radix(hex, 16).ok())
+        };
+        let (decoded, used) = match rest.as_bytes().get(1) {
+            Some(b'u') => match unit(rest) {
+                Some(high @ 0xD800..=0xDBFF) => match rest.get(6..8).zip(unit(&rest[6..])) {
+                    Some(("\\u", low @ 0xDC00..=0xDFFF)) => {
+                        let code = 0x10000 + ((high - 0xD800) << 10) + (low - 0xDC00);
+                        (char::from_u32(code), 12)
+                    }
+                    _ => (Some(char::REPLACEMENT_CHARACTER), 6),
+                },
+                Some(code) => (
+                    Some(char::from_u32(code).unwrap_or(char::REPLACEMENT_CHARACTER)),
+                    6,
+                ),
+                None => (None, 1),
+            },
+            Some(b'n') => (Some('\n'), 2),
+            Some(b't') => (Some('\t'), 2),
+            Some(b'r') => (Some('\r'), 2),
+            Some(b'b') => (Some('\u{8}'), 2),
+            Some(b'f') => (Some('\u{c}'), 2),
+            Some(&byte @ (b'"' | b'\\' | b'/')) => (Some(byte as char), 2),
+            _ => (None, 1),
+        };
+        match decoded {
+            Some(c) => out.push(c),
+            None => out.push('\\'),
+        }
+        rest = &rest[used..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// `text` with `%XX` escapes decoded (and `+` as a space, if `plus`), invalid UTF-8 replaced.
@@ -755,7 +824,10 @@ mod tests {
             STANDARD.encode(&basic_form),
             STANDARD_NO_PAD.encode(&basic_form),
             URL_SAFE.encode(&basic_raw),
-            ODD_SECRET.replace('/', "\\/"), // JSON-escaped
+            ODD_SECRET.replace('/', "\\/"),     // JSON-escaped
+            ODD_SECRET.replace('+', "\\u002B"), // System.Text.Json's default escaping
+            ODD_SECRET.replace('~', "\\u007e").replace(' ', "\\u0020"), // any \uXXXX
+            form(ODD_SECRET).replace('%', "%25"), // form-encoded twice
         ]
     }
 
@@ -813,6 +885,31 @@ mod tests {
         );
         assert_eq!(error.oauth_error(), Some("invalid_client"));
         assert_eq!(error.oauth_description(), None);
+    }
+
+    #[test]
+    fn json_escapes_are_undone_without_panicking_on_broken_ones() {
+        for (escaped, plain) in [
+            (r#"a\u002Bb\u002bc\/d\\e\"f\ng"#, "a+b+c/d\\e\"f\ng"),
+            (r"\uD83D\uDE00 \u00e9", "\u{1F600} \u{e9}"),
+            (r"\uD800x \uDC00", "\u{FFFD}x \u{FFFD}"),
+            (r"\ \u \u12 \u12é4 \q \", r"\ \u \u12 \u12é4 \q \"),
+            ("é\\u00E9", "éé"),
+        ] {
+            assert_eq!(json_unescaped(escaped), plain, "{escaped}");
+        }
+    }
+
+    #[test]
+    fn part_of_the_secret_is_not_repeated() {
+        // Servers cut long values short, from either end.
+        for part in ["Ab~c+d/e=f", "e=f g.h_i-9", "c%2Bd%2Fe%3Df+g", "d\\/e=f g."] {
+            let error = parse_with(500, "text/html", &format!("<p>secret {part}...</p>"));
+            assert_eq!(error.excerpt(), None, "{part}");
+        }
+        // Short runs of its characters are not the secret.
+        let error = parse_with(500, "text/plain", "Ab g.h");
+        assert_eq!(error.excerpt(), Some("Ab g.h"));
     }
 
     #[test]
