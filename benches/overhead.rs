@@ -23,38 +23,31 @@
 //! the bench also times all stacks in turn, 15 rounds of 200,000 requests each, and prints
 //! the median of the rounds' ratios (`overhead/interleaved`): the figures the README reports.
 //!
-//! Before criterion runs, the heap allocations per request of every stack are counted by the
-//! global allocator below (10,000 requests, outside any timing) and printed as
-//! `allocations per request`.
+//! The heap allocations per request of the same stacks are counted, and bounded, by
+//! `tests/allocations.rs`, which `cargo test` runs; the stacks and requests live in
+//! `support` for both.
 
 mod support;
 
 use blaze_auth::{BlazeAuth, BlazeAuthLayer, NoReplay};
 use bytes::Bytes;
 use criterion::{BenchmarkGroup, Criterion, measurement::WallTime};
-use http::{
-    HeaderValue, Request, Uri,
-    header::{ACCEPT, AUTHORIZATION},
-};
+use http::{Request, Uri};
 use http_body_util::Full;
 use std::{
-    alloc::{GlobalAlloc, Layout, System},
     fmt,
-    hint::black_box,
-    sync::atomic::{AtomicBool, AtomicU64, Ordering},
-    task::{Context, Poll},
     time::{Duration, Instant},
 };
-use support::{Ok200, STUDY, TOKEN, get, source, with_study};
+use support::{HandWritten, Ok200, STUDY, TOKEN, clone_body, send_all, source, streaming_body};
 use tokio::runtime::Runtime;
-use tower::{Layer, Service, ServiceExt};
+use tower::{Layer, Service};
 use tower_http::auth::AddAuthorization;
 
 /// A next-page link as Blaze sends it: the study is in it already.
 const PAGING_LINK: &str = "https://apigateway.apps.stageapi.mskcc.org/msk-apim/external/v2/crit/blaze/api/Observation?researchstudy=FHIR-T&_count=50&__t=17&__page-id=AAAAAAAAAAA";
 /// Requests built ahead of one timed stretch.
 const CHUNK: u64 = 1024;
-/// Requests whose allocations are counted.
+/// Requests the profiler's run sends.
 const COUNTED: u64 = 10_000;
 
 fn main() {
@@ -64,7 +57,6 @@ fn main() {
         stacks.each(&mut Profile { rt: &rt, stack });
         return;
     }
-    report_allocations(&rt, &mut stacks);
     let mut criterion = Criterion::default().configure_from_args();
     let mut group = criterion.benchmark_group("overhead");
     stacks.each(&mut Bench {
@@ -147,63 +139,6 @@ impl Visit for Bench<'_, '_> {
             b.iter_custom(|iters| time(rt, service, make, iters))
         });
     }
-}
-
-/// Counts each stack's heap allocations per request.
-struct Allocations<'a> {
-    rt: &'a Runtime,
-    counts: Vec<(String, f64)>,
-}
-
-impl Visit for Allocations<'_> {
-    fn stack<S, B>(&mut self, name: &str, service: &mut S, make: fn() -> Request<B>)
-    where
-        S: Service<Request<B>>,
-        S::Error: fmt::Debug,
-    {
-        let requests: Vec<_> = (0..COUNTED).map(|_| make()).collect();
-        let before = ALLOCATIONS.load(Ordering::SeqCst);
-        COUNTING.store(true, Ordering::SeqCst);
-        self.rt.block_on(send_all(service, requests));
-        COUNTING.store(false, Ordering::SeqCst);
-        let after = ALLOCATIONS.load(Ordering::SeqCst);
-        // Lossless: a few tens of thousands at most.
-        let count = (after - before) as f64 / COUNTED as f64;
-        self.counts.push((name.to_owned(), count));
-    }
-}
-
-/// Prints the heap allocations per request of each stack.
-fn report_allocations(rt: &Runtime, stacks: &mut Stacks) {
-    let mut allocations = Allocations {
-        rt,
-        counts: Vec::new(),
-    };
-    stacks.each(&mut allocations);
-    println!("overhead: heap allocations per request ({COUNTED} requests each)");
-    for (name, count) in &allocations.counts {
-        println!("overhead/{name:<32} {count:>5.2} allocations per request");
-    }
-    // The layer may allocate only what the hand-written minimum does, plus the copy kept for
-    // a retry: its list of headers (1) and a reference count for the rebuilt URI's bytes (1),
-    // which the copy shares with the request. A new allocation fails here, in CI.
-    let count = |name: &str| {
-        let found = allocations.counts.iter().find(|(n, _)| n == name);
-        found
-            .map(|(_, count)| *count)
-            .expect("every stack is counted")
-    };
-    let hand_written = count("c_hand_written");
-    let clone_body = count("d_blaze_auth_clone_body");
-    let no_replay = count("e_blaze_auth_no_replay");
-    assert!(
-        no_replay <= hand_written,
-        "NoReplay allocates {no_replay} per request, the minimum {hand_written}"
-    );
-    assert!(
-        clone_body <= hand_written + 2.0,
-        "CloneBody allocates {clone_body} per request, the minimum {hand_written} + 2 for the copy"
-    );
 }
 
 /// Times every stack in turn, round after round, and prints the median of each round's
@@ -333,21 +268,6 @@ where
     elapsed
 }
 
-async fn send_all<S, B>(service: &mut S, requests: Vec<Request<B>>)
-where
-    S: Service<Request<B>>,
-    S::Error: fmt::Debug,
-{
-    for request in requests {
-        let ready = service
-            .ready()
-            .await
-            .expect("inner service is always ready");
-        let response = ready.call(black_box(request)).await.expect("200");
-        black_box(response);
-    }
-}
-
 fn runtime() -> Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_time()
@@ -355,119 +275,9 @@ fn runtime() -> Runtime {
         .expect("tokio runtime")
 }
 
-/// A `GET` with an empty, cloneable body.
-fn clone_body() -> Request<Full<Bytes>> {
-    with_accept(get(Full::new(Bytes::new())))
-}
-
 /// A `GET` of a paging link, which names the study already.
 fn paging_link() -> Request<Full<Bytes>> {
     let mut request = clone_body();
     *request.uri_mut() = Uri::from_static(PAGING_LINK);
     request
-}
-
-/// A `GET` with an empty body that cannot be cloned, like hyper's `Incoming`.
-fn streaming_body() -> Request<Streaming> {
-    with_accept(get(Streaming(Full::new(Bytes::new()))))
-}
-
-/// FHIR clients send `Accept`: the request has a header map of its own before the layer's.
-fn with_accept<B>(mut request: Request<B>) -> Request<B> {
-    request
-        .headers_mut()
-        .insert(ACCEPT, HeaderValue::from_static("application/fhir+json"));
-    request
-}
-
-/// A body type without `Clone`.
-struct Streaming(#[allow(dead_code)] Full<Bytes>);
-
-/// (c): the least the job needs. A pre-built `Authorization` value (shared bytes, like the
-/// cached token's, so one reference count per request) and the study pair appended to the
-/// query in a new `PathAndQuery`. No study check, no fixed headers, no copy for a retry.
-#[derive(Clone)]
-struct HandWritten<S> {
-    inner: S,
-    authorization: HeaderValue,
-}
-
-impl<S> HandWritten<S> {
-    fn new(inner: S) -> Self {
-        let mut authorization =
-            HeaderValue::try_from(format!("Bearer {TOKEN}")).expect("valid header value");
-        authorization.set_sensitive(true);
-        Self {
-            inner,
-            authorization,
-        }
-    }
-}
-
-impl<S, B> Service<Request<B>> for HandWritten<S>
-where
-    S: Service<Request<B>>,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = S::Future;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, mut request: Request<B>) -> S::Future {
-        request
-            .headers_mut()
-            .insert(AUTHORIZATION, self.authorization.clone());
-        let uri = std::mem::take(request.uri_mut());
-        *request.uri_mut() = with_study(uri);
-        self.inner.call(request)
-    }
-}
-
-/// Counts heap allocations (`alloc`, `alloc_zeroed` and `realloc` calls) while [`COUNTING`].
-struct CountingAllocator;
-
-static COUNTING: AtomicBool = AtomicBool::new(false);
-static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
-
-#[global_allocator]
-static GLOBAL: CountingAllocator = CountingAllocator;
-
-impl CountingAllocator {
-    fn count(&self) {
-        // Off, a relaxed load: the timed runs pay next to nothing for the counter.
-        if COUNTING.load(Ordering::Relaxed) {
-            ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-}
-
-// SAFETY: every call is forwarded unchanged to `System`, which upholds `GlobalAlloc`'s
-// contract; the counter does not touch the memory.
-#[allow(unsafe_code)]
-unsafe impl GlobalAlloc for CountingAllocator {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        self.count();
-        // SAFETY: the caller's guarantees for `layout` hold for `System` too.
-        unsafe { System.alloc(layout) }
-    }
-
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        self.count();
-        // SAFETY: as for `alloc`.
-        unsafe { System.alloc_zeroed(layout) }
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        self.count();
-        // SAFETY: `ptr` was allocated by `System` through this allocator, with `layout`.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: `ptr` was allocated by `System` through this allocator, with `layout`.
-        unsafe { System.dealloc(ptr, layout) }
-    }
 }

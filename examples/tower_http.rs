@@ -11,7 +11,7 @@
 //!    caller could wait for two of them.
 //! 3. `FollowRedirectLayer`: above the auth layer, so that every hop passes through it again
 //!    and the auth layer decides, per hop, whether that origin gets credentials (only the
-//!    configured Blaze origin does: see `Builder::origin`).
+//!    configured Blaze origin does: see `BlazeAuthLayerBuilder::origin`).
 //! 4. `BlazeAuthLayer`: token, `researchstudy`, `x-partnerid`, retry once on 401.
 //! 5. `map_response`: boxes the body, which `TimeoutLayer`'s synthetic response needs
 //!    (`Default`); hyper's `Incoming` has no default.

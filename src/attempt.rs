@@ -7,7 +7,7 @@ use crate::{
     error::Error,
     layer::Config,
     rejection::Verdict,
-    token::cache::{Credential, Lookup},
+    token::cache::{Credential, Lookup, Sent},
 };
 use http::{HeaderValue, Method, Uri, request::Parts};
 use std::sync::Arc;
@@ -16,13 +16,6 @@ use std::sync::Arc;
 #[derive(Clone, Debug)]
 pub(crate) struct Authenticator {
     config: Arc<Config>,
-}
-
-/// Which token a request went out with.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct Sent {
-    id: u64,
-    on_probation: bool,
 }
 
 impl Authenticator {
@@ -42,18 +35,13 @@ impl Authenticator {
     }
 
     /// Whether a request with this method may be sent a second time.
-    pub(crate) fn retries(&self, method: &Method) -> bool {
-        self.config.retries(method)
+    pub(crate) fn may_retry(&self, method: &Method) -> bool {
+        self.config.may_retry(method)
     }
 
     /// The token for a request: the cached one, or the fetch's that replaces it.
     pub(crate) async fn token(&self) -> Result<(HeaderValue, Sent), Error> {
-        let credential = match self.config.cache.get() {
-            Lookup::Ready(credential) => credential,
-            Lookup::Wait(wait) => wait.await?,
-            Lookup::Failed(error) => return Err(error),
-        };
-        Ok(split(credential))
+        resolve(self.config.cache.get()).await
     }
 
     /// What follows the response to a request sent with `sent`: `Some(token)` to send the
@@ -65,45 +53,32 @@ impl Authenticator {
         verdict: Verdict,
         can_retry: bool,
     ) -> Result<Option<(HeaderValue, Sent)>, Error> {
-        let cache = &self.config.cache;
-        if verdict != Verdict::Refused {
-            self.accepted(sent);
-            return Ok(None);
+        // Told even without a retry, so that the next request does not meet a refused token.
+        match self.config.cache.after_response(sent, verdict) {
+            Some(lookup) if can_retry => {
+                let (token, sent) = resolve(lookup).await?;
+                self.config.cache.count_retry();
+                Ok(Some((token, sent.as_retry())))
+            }
+            _ => Ok(None),
         }
-        // Told even without a retry, so that the next request does not meet the refused
-        // token; `None` is the storm guard's no.
-        let credential = match cache.reject(sent.id) {
-            Some(Lookup::Ready(credential)) if can_retry => credential,
-            Some(Lookup::Wait(wait)) if can_retry => wait.await?,
-            Some(Lookup::Failed(error)) if can_retry => return Err(error),
-            _ => return Ok(None),
-        };
-        cache.count_retry();
-        Ok(Some(split(credential)))
     }
 
     /// The response to the retry: the answer, whatever it says.
     pub(crate) fn after_retry(&self, sent: Sent, verdict: Verdict) {
-        if verdict != Verdict::Refused {
-            self.accepted(sent);
-        }
+        let _answer = self.config.cache.after_response(sent, verdict);
     }
 
     pub(crate) fn metrics(&self) -> crate::Metrics {
         self.config.cache.metrics()
     }
-
-    fn accepted(&self, sent: Sent) {
-        if sent.on_probation {
-            self.config.cache.accept(sent.id);
-        }
-    }
 }
 
-fn split(credential: Credential) -> (HeaderValue, Sent) {
-    let sent = Sent {
-        id: credential.id,
-        on_probation: credential.on_probation,
+async fn resolve(lookup: Lookup) -> Result<(HeaderValue, Sent), Error> {
+    let Credential { header, sent } = match lookup {
+        Lookup::Ready(credential) => credential,
+        Lookup::Wait(wait) => wait.await?,
+        Lookup::Failed(error) => return Err(error),
     };
-    (credential.header, sent)
+    Ok((header, sent))
 }

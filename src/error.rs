@@ -33,6 +33,8 @@ enum Kind {
     InvalidUrl,
     InsecureUrl,
     Tls,
+    // Made only with `oauth2` and without `rustls`.
+    #[cfg_attr(feature = "rustls", allow(dead_code))]
     NoHttpClient,
     InvalidKey,
     ReservedParam {
@@ -121,6 +123,32 @@ impl Error {
         Self::new(Kind::Env { var, missing }, None)
     }
 
+    /// A timeout: the token fetch took longer than the layer's
+    /// [`fetch_timeout`](crate::BlazeAuthLayerBuilder::fetch_timeout) ([`FetchError::TimedOut`]), or a
+    /// cause of this error says it timed out (the token endpoint, with the `oauth2` feature:
+    /// [`TokenError::is_timeout`]; the inner service: tower's `Elapsed`, an I/O error of kind
+    /// `TimedOut`). Check [`is_token`](Self::is_token) or [`is_inner`](Self::is_inner) for
+    /// which.
+    ///
+    #[cfg_attr(
+        feature = "oauth2",
+        doc = "[`TokenError::is_timeout`]: crate::TokenError::is_timeout"
+    )]
+    #[cfg_attr(
+        not(feature = "oauth2"),
+        doc = "[`TokenError::is_timeout`]: crate#feature-flags"
+    )]
+    pub fn is_timeout(&self) -> bool {
+        let mut cause = self.source();
+        while let Some(error) = cause {
+            if is_timeout_cause(error) {
+                return true;
+            }
+            cause = error.source();
+        }
+        false
+    }
+
     /// The inner service failed; [`source`](StdError::source) is its error.
     pub fn is_inner(&self) -> bool {
         self.kind == Kind::Inner
@@ -149,71 +177,107 @@ impl Error {
         self.kind == Kind::InvalidUri
     }
 
-    /// A token or token type holds bytes that cannot go into an `Authorization` header.
-    pub fn is_invalid_token(&self) -> bool {
-        self.kind == Kind::InvalidToken
-    }
-
-    /// A research study id is empty, has surrounding white space or a control character.
-    pub fn is_invalid_study(&self) -> bool {
-        self.kind == Kind::InvalidStudy
-    }
-
-    /// A header given to the layer has an invalid name or value, or is one the layer owns.
-    pub fn is_invalid_header(&self) -> bool {
-        self.kind == Kind::InvalidHeader
-    }
-
-    /// A URL is not an absolute `http` or `https` URL, or carries user info; or an origin
-    /// given to the layer has no scheme or host.
-    pub fn is_invalid_url(&self) -> bool {
-        self.kind == Kind::InvalidUrl
-    }
-
-    /// A URL is plain `http` to a host that is not loopback, and plain `http` was not
-    /// explicitly allowed.
-    pub fn is_insecure_url(&self) -> bool {
-        self.kind == Kind::InsecureUrl
-    }
-
-    /// TLS could not be set up (no usable root certificates, an invalid certificate given).
-    pub fn is_tls(&self) -> bool {
-        self.kind == Kind::Tls
-    }
-
-    /// No HTTP client was given for the token request, and the `rustls` feature that
-    /// provides one is off.
-    pub fn is_no_http_client(&self) -> bool {
-        self.kind == Kind::NoHttpClient
-    }
-
-    /// An encryption key for tokens kept in Redis is not 32 bytes in standard base64.
-    pub fn is_invalid_key(&self) -> bool {
-        self.kind == Kind::InvalidKey
-    }
-
-    /// A form parameter given to [`ClientCredentialsBuilder::param`] is one the client sets
-    /// itself (`grant_type`, `scope`, `client_id`, `client_secret`, in any case): RFC 6749
-    /// forbids sending a parameter twice. The message names it and the method that sets it.
+    /// A value given to a constructor or builder is invalid, or needed and missing: a token
+    /// or token type that cannot go into an `Authorization` header, a research study id, a
+    /// header or an origin given to the layer, a URL (not absolute `http` or `https`, user
+    /// info, plain `http` to a host that is not loopback), TLS that cannot be set up, no HTTP
+    /// client for the token request with the `rustls` feature off, a Redis encryption key, a
+    /// form parameter that [`ClientCredentials`] sets itself, a
+    /// `BLAZE_*` environment variable. The message says which, and names the variable or
+    /// parameter, never the value.
     ///
     #[cfg_attr(
         feature = "oauth2",
-        doc = "[`ClientCredentialsBuilder::param`]: crate::token::oauth2::ClientCredentialsBuilder::param"
+        doc = "[`ClientCredentials`]: crate::ClientCredentials"
     )]
     #[cfg_attr(
         not(feature = "oauth2"),
-        doc = "[`ClientCredentialsBuilder::param`]: crate#feature-flags"
+        doc = "[`ClientCredentials`]: crate#feature-flags"
     )]
-    pub fn is_reserved_param(&self) -> bool {
-        matches!(self.kind, Kind::ReservedParam { .. })
-    }
-
-    /// A required `BLAZE_*` environment variable is not set, or is not valid unicode; the
-    /// message names it.
-    pub fn is_env(&self) -> bool {
-        matches!(self.kind, Kind::Env { .. })
+    pub fn is_config(&self) -> bool {
+        matches!(
+            self.kind,
+            Kind::InvalidToken
+                | Kind::InvalidStudy
+                | Kind::InvalidHeader
+                | Kind::InvalidUrl
+                | Kind::InsecureUrl
+                | Kind::Tls
+                | Kind::NoHttpClient
+                | Kind::InvalidKey
+                | Kind::ReservedParam { .. }
+                | Kind::Env { .. }
+        )
     }
 }
+
+/// Whether `error`, one cause of an [`Error`], says it timed out.
+fn is_timeout_cause(error: &(dyn StdError + 'static)) -> bool {
+    #[cfg(feature = "oauth2")]
+    if let Some(error) = error.downcast_ref::<crate::TokenError>() {
+        return error.is_timeout();
+    }
+    if let Some(error) = error.downcast_ref::<std::io::Error>() {
+        return error.kind() == std::io::ErrorKind::TimedOut;
+    }
+    error.downcast_ref::<FetchError>() == Some(&FetchError::TimedOut)
+        || error.is::<tower::timeout::error::Elapsed>()
+}
+
+/// Why a token fetch failed, where the [`TokenSource`](crate::TokenSource) gave no error of
+/// its own: the [`source`](StdError::source) of an [`Error`] for which
+/// [`is_token`](Error::is_token) holds. Every request waiting for the fetch gets it.
+///
+/// ```
+/// use blaze_auth::{AccessToken, BlazeAuthLayer, FetchError, token_fn};
+/// use http::{Request, Response};
+/// use std::{error::Error as _, time::Duration};
+/// use tower::{Layer, ServiceExt, service_fn};
+///
+/// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+/// # async fn main() -> Result<(), blaze_auth::BoxError> {
+/// // A source that never answers.
+/// let source = token_fn(|_| std::future::pending::<Result<AccessToken, blaze_auth::Error>>());
+/// let layer = BlazeAuthLayer::builder(source)
+///     .study("FHIR-T")
+///     .fetch_timeout(Duration::from_secs(5))
+///     .build()?;
+/// let client = layer.layer(service_fn(|_: Request<String>| async {
+///     Ok::<_, std::convert::Infallible>(Response::new(()))
+/// }));
+/// let error = client.oneshot(Request::new(String::new())).await.unwrap_err();
+/// assert!(error.is_token() && error.is_timeout());
+/// let cause = error.source().unwrap().downcast_ref::<FetchError>();
+/// assert_eq!(cause, Some(&FetchError::TimedOut));
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum FetchError {
+    /// The fetch took longer than the layer's
+    /// [`fetch_timeout`](crate::BlazeAuthLayerBuilder::fetch_timeout).
+    TimedOut,
+    /// The token source panicked.
+    Panicked,
+    /// There was no Tokio runtime to run the fetch on: the layer was called outside one.
+    NoRuntime,
+    /// The fetch's task was cancelled before it finished: its runtime shut down.
+    Cancelled,
+}
+
+impl fmt::Display for FetchError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::TimedOut => "token fetch timed out",
+            Self::Panicked => "token source panicked",
+            Self::NoRuntime => "no Tokio runtime to fetch the token on",
+            Self::Cancelled => "token fetch was cancelled",
+        })
+    }
+}
+
+impl StdError for FetchError {}
 
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -285,6 +349,24 @@ mod tests {
         let error = Error::token(cause);
         assert!(error.is_token());
         assert!(error.source().unwrap().is::<std::fmt::Error>());
+    }
+
+    #[test]
+    fn is_timeout_finds_a_timeout_among_the_causes() {
+        let elapsed = Error::inner(tower::timeout::error::Elapsed::new());
+        assert!(elapsed.is_inner() && elapsed.is_timeout());
+        let io = std::io::Error::new(std::io::ErrorKind::TimedOut, "slow");
+        assert!(Error::inner(io).is_timeout());
+        // Deeper in the chain: a cause whose own source timed out.
+        let wrapped = std::io::Error::other(Error::token(Arc::new(FetchError::TimedOut)));
+        assert!(Error::inner(wrapped).is_timeout());
+        assert!(Error::token(Arc::new(FetchError::TimedOut)).is_timeout());
+        #[cfg(feature = "oauth2")]
+        assert!(Error::token(Arc::new(crate::TokenError::timeout())).is_timeout());
+
+        assert!(!Error::token(Arc::new(FetchError::Panicked)).is_timeout());
+        assert!(!Error::inner(std::io::Error::other("reset")).is_timeout());
+        assert!(!Error::missing_study().is_timeout());
     }
 
     #[test]

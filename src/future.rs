@@ -2,13 +2,12 @@
 
 use crate::{
     error::{BoxError, Error},
+    layer::Config,
     rejection::Verdict,
-    token::cache::{Credential, Lookup, TokenCache, TokenWait},
+    replay::RequestCopy,
+    token::cache::{Credential, Lookup, Sent, TokenWait},
 };
-use http::{
-    Extensions, HeaderName, HeaderValue, Method, Request, Response, Uri, Version,
-    header::AUTHORIZATION, request::Parts,
-};
+use http::{Request, Response, header::AUTHORIZATION};
 use pin_project::pin_project;
 use std::{
     fmt,
@@ -20,121 +19,114 @@ use std::{
 use tower::{Service, util::Oneshot};
 
 /// Response future of [`BlazeAuth`](crate::BlazeAuth).
+///
+/// [`BlazeAuth::call`](crate::BlazeAuth) makes the first call, or finds it must wait for a
+/// token first; this future carries on from there: the response, and after a 401 the one
+/// retry.
 #[pin_project]
 pub struct ResponseFuture<S, B>
 where
     S: Service<Request<B>>,
 {
     #[pin]
-    state: State<S::Future, Oneshot<S, Request<B>>, Request<B>>,
-    /// The service, while a call is still to be made: the first one after a token fetch,
-    /// or the retry.
-    inner: Option<S>,
-    /// The copy to send after a 401.
-    retry: Option<Retry<B>>,
-    /// The cache the token came from, told when the server accepts or refuses it; `None` for
-    /// a request the layer did not authenticate.
-    cache: Option<Arc<TokenCache>>,
-    /// Which token the request went out with.
-    sent: Sent,
+    state: State<S, B>,
 }
 
 // The future is moved at least once per request, so its size is paid on every request: the
-// states that only the rare paths reach (waiting for a token, the retry) box what they hold,
-// which keeps the future the size of the inner service's future plus the retry copy.
+// states only the rare paths reach (waiting for a token, the retry) box what they hold.
 #[pin_project(project = StateProj)]
-enum State<F, R, Q> {
-    /// Polls the token fetch the request waits for before its first call.
+pub(crate) enum State<S, B>
+where
+    S: Service<Request<B>>,
+{
+    /// Polls the inner service's response to a request the layer passes through untouched.
+    PassThrough {
+        #[pin]
+        future: S::Future,
+    },
+    /// Polls the token fetch the request waits for, then sends it.
     FetchToken {
         wait: TokenWait,
-        request: Option<Box<Q>>,
+        unsent: Option<Box<Unsent<S, B>>>,
     },
-    /// Polls the inner service's response to the first call.
-    Call {
+    /// Polls the inner service's response to the request sent with a token.
+    Called {
         #[pin]
-        future: F,
+        future: S::Future,
+        sent: Sent,
+        config: Arc<Config>,
+        /// What a retry after a 401 needs; `None` if there can be none.
+        kept: Option<Kept<S, B>>,
     },
-    /// Polls the token fetch after a 401, for the retry.
-    Refresh { wait: TokenWait },
+    /// Polls the token fetch after a 401, then sends the request again.
+    Refresh {
+        wait: TokenWait,
+        unsent: Option<Box<Unsent<S, B>>>,
+    },
     /// Polls the retry: the inner service's readiness, then its response.
-    Retry { future: Pin<Box<R>> },
+    Retrying {
+        future: Pin<Box<Oneshot<S, Request<B>>>>,
+        sent: Sent,
+        config: Arc<Config>,
+    },
     /// Holds an error found before any call was made.
     Failed { error: Option<Error> },
 }
 
-/// Which cached token a request went out with.
-#[derive(Clone, Copy, Default)]
-struct Sent {
-    id: u64,
-    /// Fetched after a 401 and not accepted by the server yet: the storm guard watches it.
-    on_probation: bool,
+/// A request waiting for its token, and what it is sent with.
+pub(crate) struct Unsent<S, B> {
+    pub(crate) inner: S,
+    pub(crate) request: Request<B>,
+    pub(crate) config: Arc<Config>,
+    /// The copy for a retry; `None` if there can be none, or if this is the retry.
+    pub(crate) copy: Option<RequestCopy<B>>,
 }
 
-/// What a retry after a 401 needs.
-pub(crate) struct Retry<B> {
-    pub(crate) copy: RequestCopy<B>,
-    /// Whether the copy can still be sent ([`Replay::can_replay`](crate::Replay::can_replay)).
-    pub(crate) can_replay: fn(&B) -> bool,
+/// What a request keeps for a retry after a 401: the service, and the request's copy.
+pub(crate) struct Kept<S, B> {
+    inner: S,
+    copy: RequestCopy<B>,
 }
 
 impl<S, B> ResponseFuture<S, B>
 where
     S: Service<Request<B>>,
 {
-    /// Sends `request` with the cached token, or waits for one first.
-    pub(crate) fn new(
-        mut inner: S,
-        mut request: Request<B>,
-        retry: Option<Retry<B>>,
-        cache: &Arc<TokenCache>,
-    ) -> Self {
-        let (state, inner, sent) = match cache.get() {
-            Lookup::Ready(credential) => {
-                let sent = authorize(&mut request, credential);
-                let future = inner.call(request);
-                // Keep the service only if it may be needed for a retry.
-                (
-                    State::Call { future },
-                    retry.is_some().then_some(inner),
-                    sent,
-                )
-            }
-            Lookup::Wait(wait) => {
-                let request = Some(Box::new(request));
-                (
-                    State::FetchToken { wait, request },
-                    Some(inner),
-                    Sent::default(),
-                )
-            }
-            Lookup::Failed(error) => return Self::failed(error),
-        };
-        Self {
-            state,
-            inner,
-            retry,
-            cache: Some(Arc::clone(cache)),
-            sent,
-        }
+    /// The inner service's response to a request the layer does not authenticate.
+    pub(crate) fn pass_through(future: S::Future) -> Self {
+        Self::from(State::PassThrough { future })
     }
 
-    /// The inner service's response to a request the layer does not authenticate.
-    pub(crate) fn untouched(future: S::Future) -> Self {
-        Self::with_state(State::Call { future })
+    /// The response to `future`, the call of `inner` with a request sent with the token
+    /// `sent`, and a retry with `copy` after a 401.
+    pub(crate) fn called(
+        future: S::Future,
+        sent: Sent,
+        config: Arc<Config>,
+        inner: S,
+        copy: Option<RequestCopy<B>>,
+    ) -> Self {
+        let kept = copy.map(|copy| Kept { inner, copy });
+        Self::from(State::Called {
+            future,
+            sent,
+            config,
+            kept,
+        })
+    }
+
+    /// Waits for `wait`'s token, then sends `unsent`.
+    pub(crate) fn fetch_token(wait: TokenWait, unsent: Unsent<S, B>) -> Self {
+        let unsent = Some(Box::new(unsent));
+        Self::from(State::FetchToken { wait, unsent })
     }
 
     pub(crate) fn failed(error: Error) -> Self {
-        Self::with_state(State::Failed { error: Some(error) })
+        Self::from(State::Failed { error: Some(error) })
     }
 
-    fn with_state(state: State<S::Future, Oneshot<S, Request<B>>, Request<B>>) -> Self {
-        Self {
-            state,
-            inner: None,
-            retry: None,
-            cache: None,
-            sent: Sent::default(),
-        }
+    fn from(state: State<S, B>) -> Self {
+        Self { state }
     }
 }
 
@@ -146,187 +138,142 @@ where
     type Output = Result<Response<ResBody>, Error>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let mut this = self.project();
+        let mut state = self.project().state;
         loop {
-            match this.state.as_mut().project() {
-                StateProj::FetchToken { wait, request } => {
+            let next = match state.as_mut().project() {
+                StateProj::PassThrough { future } => return future.poll(cx).map_err(Error::inner),
+                StateProj::FetchToken { wait, unsent } => {
                     let credential = ready!(Pin::new(wait).poll(cx))?;
-                    let mut request = *request.take().expect("polled after completion");
-                    *this.sent = authorize(&mut request, credential);
-                    // Keep the service only if it may be needed for a retry.
-                    let future = if this.retry.is_some() {
-                        this.inner
-                            .as_mut()
-                            .expect("polled after completion")
-                            .call(request)
-                    } else {
-                        this.inner
-                            .take()
-                            .expect("polled after completion")
-                            .call(request)
-                    };
-                    this.state.set(State::Call { future });
+                    unsent
+                        .take()
+                        .expect("polled after completion")
+                        .send(credential)
                 }
-                StateProj::Call { future } => {
+                StateProj::Called {
+                    future,
+                    sent,
+                    config,
+                    kept,
+                } => {
                     let response = ready!(future.poll(cx)).map_err(Error::inner)?;
-                    let Some(cache) = this.cache.as_ref() else {
-                        return Poll::Ready(Ok(response));
+                    let next = config.cache.after_response(*sent, Verdict::of(&response));
+                    let retry = match next {
+                        Some(lookup) => kept.take().and_then(|kept| kept.retry(lookup, config)),
+                        None => None,
                     };
-                    if Verdict::of(&response) != Verdict::Refused {
-                        accepted(cache, *this.sent);
-                        // No retry: let the copy go now, not when the caller drops this
-                        // future (a recorded body stops recording).
-                        *this.retry = None;
-                        return Poll::Ready(Ok(response));
-                    }
-                    // Told even when there will be no retry, so that the next request does
-                    // not meet the refused token too. `None` is the storm guard's no: a new
-                    // token will not help.
-                    let lookup = cache.reject(this.sent.id);
-                    // Without a copy that can still be sent, the 401 is the answer; the new
-                    // token, if one is on its way, is for the requests that follow.
-                    let replayable = this
-                        .retry
-                        .as_ref()
-                        .is_some_and(|retry| (retry.can_replay)(retry.copy.body()));
-                    match lookup {
-                        Some(Lookup::Ready(credential)) if replayable => {
-                            let future =
-                                retry(this.inner, this.retry, this.sent, cache, credential);
-                            this.state.set(State::Retry { future });
-                        }
-                        Some(Lookup::Wait(wait)) if replayable => {
-                            this.state.set(State::Refresh { wait })
-                        }
-                        Some(Lookup::Failed(error)) if replayable => {
-                            return Poll::Ready(Err(error));
-                        }
-                        _ => {
-                            *this.retry = None;
+                    match retry {
+                        Some(retry) => retry,
+                        None => {
+                            // The copy goes now, not when the caller drops this future (a
+                            // recorded body stops recording); dropped in place, not moved.
+                            *kept = None;
                             return Poll::Ready(Ok(response));
                         }
                     }
                 }
-                StateProj::Refresh { wait } => {
+                StateProj::Refresh { wait, unsent } => {
                     let credential = ready!(Pin::new(wait).poll(cx))?;
-                    let cache = this.cache.as_ref().expect("a refresh has a cache");
-                    let future = retry(this.inner, this.retry, this.sent, cache, credential);
-                    this.state.set(State::Retry { future });
+                    let unsent = unsent.take().expect("polled after completion");
+                    unsent.send_again(credential)
                 }
-                StateProj::Retry { future } => {
+                StateProj::Retrying {
+                    future,
+                    sent,
+                    config,
+                } => {
                     let response = ready!(future.as_mut().poll(cx)).map_err(Error::inner)?;
-                    if let Some(cache) = this.cache.as_ref() {
-                        if Verdict::of(&response) != Verdict::Refused {
-                            accepted(cache, *this.sent);
-                        }
-                    }
+                    // Only heard: the retry's answer goes to the caller, whatever it is.
+                    config.cache.after_response(*sent, Verdict::of(&response));
                     return Poll::Ready(Ok(response));
                 }
                 StateProj::Failed { error } => {
                     return Poll::Ready(Err(error.take().expect("polled after completion")));
                 }
-            }
+            };
+            state.set(next);
         }
+    }
+}
+
+impl<S, B> Unsent<S, B>
+where
+    S: Service<Request<B>>,
+{
+    /// Sends the request, which is ready to go but for the token, to the service that was
+    /// polled ready for it.
+    fn send(self, credential: Credential) -> State<S, B> {
+        let Self {
+            mut inner,
+            mut request,
+            config,
+            copy,
+        } = self;
+        let sent = authorize(&mut request, credential);
+        let future = inner.call(request);
+        let kept = copy.map(|copy| Kept { inner, copy });
+        State::Called {
+            future,
+            sent,
+            config,
+            kept,
+        }
+    }
+
+    /// Sends the request again, to the service once it is ready.
+    fn send_again(self, credential: Credential) -> State<S, B> {
+        let Self {
+            inner,
+            mut request,
+            config,
+            ..
+        } = self;
+        config.cache.count_retry();
+        let sent = authorize(&mut request, credential).as_retry();
+        let future = Box::pin(Oneshot::new(inner, request));
+        State::Retrying {
+            future,
+            sent,
+            config,
+        }
+    }
+}
+
+impl<S, B> Kept<S, B>
+where
+    S: Service<Request<B>>,
+{
+    /// The retry after a 401, with a token from `lookup`; `None` if the copy cannot be sent,
+    /// and the 401 is the answer.
+    fn retry(self, lookup: Lookup, config: &Arc<Config>) -> Option<State<S, B>> {
+        let (mut parts, body) = self.copy.claim()?.into_parts();
+        // The copy is of the request as the caller sent it: through the layer once more.
+        if let Err(error) = config.prepare(&mut parts) {
+            return Some(State::Failed { error: Some(error) });
+        }
+        let unsent = Unsent {
+            inner: self.inner,
+            request: Request::from_parts(parts, body),
+            config: Arc::clone(config),
+            copy: None,
+        };
+        Some(match lookup {
+            Lookup::Ready(credential) => unsent.send_again(credential),
+            Lookup::Wait(wait) => State::Refresh {
+                wait,
+                unsent: Some(Box::new(unsent)),
+            },
+            Lookup::Failed(error) => State::Failed { error: Some(error) },
+        })
     }
 }
 
 /// Puts the token into the request; returns which token it was.
-fn authorize<B>(request: &mut Request<B>, credential: Credential) -> Sent {
+pub(crate) fn authorize<B>(request: &mut Request<B>, credential: Credential) -> Sent {
     // `insert`, not `append`: one `Authorization`, ours, whatever the request had.
     request
         .headers_mut()
         .insert(AUTHORIZATION, credential.header);
-    Sent {
-        id: credential.id,
-        on_probation: credential.on_probation,
-    }
-}
-
-/// The server accepted the token `sent` carried: a token on probation is off it.
-fn accepted(cache: &TokenCache, sent: Sent) {
-    if sent.on_probation {
-        cache.accept(sent.id);
-    }
-}
-
-/// The retry: the copy, with the new token, to the service once it is ready again.
-fn retry<S, B>(
-    inner: &mut Option<S>,
-    retry: &mut Option<Retry<B>>,
-    sent: &mut Sent,
-    cache: &TokenCache,
-    credential: Credential,
-) -> Pin<Box<Oneshot<S, Request<B>>>>
-where
-    S: Service<Request<B>>,
-{
-    cache.count_retry();
-    let mut request = retry
-        .take()
-        .expect("retry without a copy")
-        .copy
-        .into_request();
-    *sent = authorize(&mut request, credential);
-    Box::pin(Oneshot::new(
-        inner.take().expect("retry without a service"),
-        request,
-    ))
-}
-
-/// A request kept for the retry after a 401: its head as it is sent, less the token, and a
-/// body for a second sending.
-///
-/// Every request that may be retried pays for this copy, and most are never retried. So the
-/// headers are kept as a list, one allocation (none for a request without headers), and put
-/// back into a header map only for a retry: cloning the `HeaderMap` would cost two, its
-/// entries and its hash index.
-pub(crate) struct RequestCopy<B> {
-    method: Method,
-    uri: Uri,
-    version: Version,
-    headers: Vec<(HeaderName, HeaderValue)>,
-    extensions: Extensions,
-    body: B,
-}
-
-impl<B> RequestCopy<B> {
-    pub(crate) fn new(parts: &Parts, body: B) -> Self {
-        let mut headers = Vec::with_capacity(parts.headers.len());
-        headers.extend(
-            parts
-                .headers
-                .iter()
-                .map(|(name, value)| (name.clone(), value.clone())),
-        );
-        Self {
-            method: parts.method.clone(),
-            uri: parts.uri.clone(),
-            version: parts.version,
-            headers,
-            extensions: parts.extensions.clone(),
-            body,
-        }
-    }
-
-    fn body(&self) -> &B {
-        &self.body
-    }
-
-    fn into_request(self) -> Request<B> {
-        let mut request = Request::new(self.body);
-        *request.method_mut() = self.method;
-        *request.uri_mut() = self.uri;
-        *request.version_mut() = self.version;
-        *request.extensions_mut() = self.extensions;
-        let headers = request.headers_mut();
-        headers.reserve(self.headers.len());
-        // In the order `iter` gave them: each name's values in their order, so `append`
-        // rebuilds the same map.
-        for (name, value) in self.headers {
-            headers.append(name, value);
-        }
-        request
-    }
+    credential.sent
 }
 
 impl<S, B> fmt::Debug for ResponseFuture<S, B>
@@ -335,15 +282,15 @@ where
 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let state = match self.state {
+            State::PassThrough { .. } => "PassThrough",
             State::FetchToken { .. } => "FetchToken",
-            State::Call { .. } => "Call",
+            State::Called { .. } => "Called",
             State::Refresh { .. } => "Refresh",
-            State::Retry { .. } => "Retry",
+            State::Retrying { .. } => "Retrying",
             State::Failed { .. } => "Failed",
         };
         f.debug_struct("ResponseFuture")
             .field("state", &state)
-            .field("retry", &self.retry.is_some())
             .finish()
     }
 }

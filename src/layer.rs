@@ -1,10 +1,10 @@
-//! [`BlazeAuthLayer`] and its [`Builder`].
+//! [`BlazeAuthLayer`] and its [`BlazeAuthLayerBuilder`].
 
 use crate::{
     error::{BoxError, Error},
     metrics::Metrics,
     replay::CloneBody,
-    scope::{Decision, Origin, Scope},
+    scope::{Decision, Origin, Scope, without_user_info},
     service::BlazeAuth,
     study::ResearchStudy,
     token::{
@@ -18,17 +18,11 @@ use http::{
 use std::{fmt, sync::Arc, time::Duration};
 use tower::Layer;
 
-/// The refresh margin when none is set: see [`Builder::refresh_margin`].
-pub const DEFAULT_REFRESH_MARGIN: Duration = Duration::from_secs(60);
-
-/// The cool-down after a failed fetch when none is set: see [`Builder::fetch_cooldown`].
-pub const DEFAULT_FETCH_COOLDOWN: Duration = Duration::from_secs(1);
-
-/// The limit on one token fetch when none is set: see [`Builder::fetch_timeout`].
-pub const DEFAULT_FETCH_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// The storm guard's window when none is set: see [`Builder::storm_window`].
-pub const DEFAULT_STORM_WINDOW: Duration = Duration::from_secs(30);
+// The defaults, stated in the docs of the builder methods that change them.
+pub(crate) const DEFAULT_REFRESH_MARGIN: Duration = Duration::from_secs(60);
+pub(crate) const DEFAULT_FETCH_COOLDOWN: Duration = Duration::from_secs(1);
+pub(crate) const DEFAULT_FETCH_TIMEOUT: Duration = Duration::from_secs(60);
+pub(crate) const DEFAULT_STORM_WINDOW: Duration = Duration::from_secs(30);
 
 /// A [`Layer`] that authenticates every request for the Blaze FHIR API.
 ///
@@ -36,14 +30,16 @@ pub const DEFAULT_STORM_WINDOW: Duration = Duration::from_secs(30);
 /// `researchstudy` query parameter and any fixed headers to each request, and on a 401 fetches
 /// a new token and sends the request once more. All services made from one layer, and all
 /// their clones, share one token cache. Only requests in its credential scope get any of
-/// that: by default Blaze's gateways and loopback hosts (see [`Builder::origin`]). See the
+/// that: by default Blaze's gateways and loopback hosts (see [`BlazeAuthLayerBuilder::origin`]). See the
 /// [crate docs](crate) for examples.
+#[derive(Clone, Debug)]
 pub struct BlazeAuthLayer<R = CloneBody> {
     config: Arc<Config>,
     replay: R,
 }
 
 /// What a layer adds to requests, and the cache its tokens come from.
+#[derive(Debug)]
 pub(crate) struct Config {
     pub(crate) cache: Arc<TokenCache>,
     /// The origins credentials go to.
@@ -70,9 +66,9 @@ impl BlazeAuthLayer {
         }
     }
 
-    /// A [`Builder`] for a layer that takes tokens from `source`.
-    pub fn builder(source: impl TokenSource + 'static) -> Builder {
-        Builder {
+    /// A [`BlazeAuthLayerBuilder`] for a layer that takes tokens from `source`.
+    pub fn builder(source: impl TokenSource + 'static) -> BlazeAuthLayerBuilder {
+        BlazeAuthLayerBuilder {
             source: Box::new(source),
             study: None,
             origins: Vec::new(),
@@ -88,7 +84,6 @@ impl BlazeAuthLayer {
                 storm_window: DEFAULT_STORM_WINDOW,
             },
             idempotent_only: false,
-            replay: CloneBody,
         }
     }
 }
@@ -108,7 +103,8 @@ impl<R> BlazeAuthLayer<R> {
     }
 
     /// Sets how request bodies are kept for the retry after a 401 (see [`crate::replay`]).
-    /// The default, [`CloneBody`], clones them.
+    /// Default: [`CloneBody`], which clones them. The one place to set it, for a layer made
+    /// by [`new`](Self::new) or by a builder alike.
     pub fn replay<R2>(self, replay: R2) -> BlazeAuthLayer<R2> {
         BlazeAuthLayer {
             config: self.config,
@@ -125,24 +121,6 @@ impl<S, R: Clone> Layer<S> for BlazeAuthLayer<R> {
     }
 }
 
-impl<R: Clone> Clone for BlazeAuthLayer<R> {
-    fn clone(&self) -> Self {
-        Self {
-            config: Arc::clone(&self.config),
-            replay: self.replay.clone(),
-        }
-    }
-}
-
-impl<R: fmt::Debug> fmt::Debug for BlazeAuthLayer<R> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("BlazeAuthLayer")
-            .field("config", &self.config)
-            .field("replay", &self.replay)
-            .finish()
-    }
-}
-
 impl Config {
     /// Whether requests to `uri` get credentials: relative URIs do (the inner service picks
     /// their origin, as a tonic channel does); absolute ones if their origin is in the
@@ -154,7 +132,7 @@ impl Config {
     }
 
     /// Whether a request with this method may be sent a second time.
-    pub(crate) fn retries(&self, method: &Method) -> bool {
+    pub(crate) fn may_retry(&self, method: &Method) -> bool {
         !self.idempotent_only || method.is_idempotent()
     }
 
@@ -173,22 +151,10 @@ impl Config {
     }
 }
 
-impl fmt::Debug for Config {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Config")
-            .field("cache", &self.cache)
-            .field("scope", &self.scope)
-            .field("allow_http", &self.allow_http)
-            .field("study", &self.study)
-            .field("headers", &self.headers)
-            .field("idempotent_only", &self.idempotent_only)
-            .finish()
-    }
-}
-
 /// Configures a [`BlazeAuthLayer`]; made by [`BlazeAuthLayer::builder`].
 ///
-/// Invalid values are reported by [`build`](Builder::build), so a layer that exists is one
+/// Invalid values are reported by [`build`](BlazeAuthLayerBuilder::build), so a layer that
+/// exists is one
 /// that can authenticate every request.
 ///
 /// ```
@@ -205,7 +171,7 @@ impl fmt::Debug for Config {
 /// # let _ = layer;
 /// # Ok::<_, blaze_auth::Error>(())
 /// ```
-pub struct Builder<R = CloneBody> {
+pub struct BlazeAuthLayerBuilder {
     source: Box<dyn TokenSource>,
     study: Option<Result<ResearchStudy, Error>>,
     origins: Vec<String>,
@@ -215,10 +181,9 @@ pub struct Builder<R = CloneBody> {
     error: Option<Error>,
     cache: CacheConfig,
     idempotent_only: bool,
-    replay: R,
 }
 
-impl<R> Builder<R> {
+impl BlazeAuthLayerBuilder {
     /// Sets the research study sent with every request that does not name its own through a
     /// [`ResearchStudy`] extension. Default: none, and such a request fails with
     /// [`Error::is_missing_study`].
@@ -290,7 +255,7 @@ impl<R> Builder<R> {
     /// [`origin`](Self::origin)s then add nothing. Default: off; see `origin` for the scope.
     ///
     /// A request to plain `http` on a host that is not loopback then fails with
-    /// [`Error::is_insecure_url`] (it is neither sent with the token nor silently sent
+    /// [`Error::is_config`] (it is neither sent with the token nor silently sent
     /// without it) unless [`allow_http`](Self::allow_http) is set.
     pub fn any_origin(mut self) -> Self {
         self.any_origin = true;
@@ -344,7 +309,7 @@ impl<R> Builder<R> {
     /// is capped at half the token's lifetime, so short-lived tokens are not refreshed on
     /// every request. Zero means no refresh before expiry.
     ///
-    /// Default: [`DEFAULT_REFRESH_MARGIN`], 60 s. Blaze tokens live an hour, so this costs
+    /// Default: 60 s. Blaze tokens live an hour, so this costs
     /// under 2 % more token fetches, and leaves a slow token endpoint (with its retries) a
     /// minute to answer before any request has to wait.
     pub fn refresh_margin(mut self, margin: Duration) -> Self {
@@ -360,7 +325,7 @@ impl<R> Builder<R> {
     /// doubles with each failure in a row, up to 30 s (or this value, if longer), and
     /// resets with the next token.
     ///
-    /// Default: [`DEFAULT_FETCH_COOLDOWN`], 1 s.
+    /// Default: 1 s.
     pub fn fetch_cooldown(mut self, cooldown: Duration) -> Self {
         self.cache.fetch_cooldown = cooldown;
         self
@@ -378,8 +343,8 @@ impl<R> Builder<R> {
     /// takes longer fails every request waiting for it. The limit belongs to the fetch, not
     /// to a caller: a request that gives up neither shortens nor cancels it.
     ///
-    /// Default: [`DEFAULT_FETCH_TIMEOUT`], 60 s: [`ClientCredentials`] with its defaults gives
-    /// up within about 31 s by itself.
+    /// Default: 60 s: [`ClientCredentials`] with its defaults gives up within about 31 s by
+    /// itself.
     ///
     #[cfg_attr(
         feature = "oauth2",
@@ -403,7 +368,7 @@ impl<R> Builder<R> {
     /// misconfiguration cannot make every request hit the token endpoint. Zero turns the
     /// guard off.
     ///
-    /// Default: [`DEFAULT_STORM_WINDOW`], 30 s.
+    /// Default: 30 s.
     pub fn storm_window(mut self, window: Duration) -> Self {
         self.cache.storm_window = window;
         self
@@ -417,32 +382,14 @@ impl<R> Builder<R> {
         self
     }
 
-    /// Sets how request bodies are kept for the retry after a 401 (see [`crate::replay`]).
-    /// Default: [`CloneBody`].
-    pub fn replay<R2>(self, replay: R2) -> Builder<R2> {
-        Builder {
-            source: self.source,
-            study: self.study,
-            origins: self.origins,
-            any_origin: self.any_origin,
-            allow_http: self.allow_http,
-            headers: self.headers,
-            error: self.error,
-            cache: self.cache,
-            idempotent_only: self.idempotent_only,
-            replay,
-        }
-    }
-
     /// Builds the layer.
     ///
     /// # Errors
     ///
-    /// An invalid value given: a header ([`Error::is_invalid_header`]), or else an origin
-    /// ([`Error::is_invalid_url`], or [`Error::is_insecure_url`] for plain `http` to a host
-    /// that is not loopback without [`allow_http`](Self::allow_http)), or else the study id
-    /// ([`Error::is_invalid_study`]).
-    pub fn build(self) -> Result<BlazeAuthLayer<R>, Error> {
+    /// An invalid value given ([`Error::is_config`]): a header, or else an origin (also plain
+    /// `http` to a host that is not loopback without [`allow_http`](Self::allow_http)), or
+    /// else the study id.
+    pub fn build(self) -> Result<BlazeAuthLayer, Error> {
         if let Some(error) = self.error {
             return Err(error);
         }
@@ -467,7 +414,7 @@ impl<R> Builder<R> {
         };
         Ok(BlazeAuthLayer {
             config: Arc::new(config),
-            replay: self.replay,
+            replay: CloneBody,
         })
     }
 
@@ -477,17 +424,294 @@ impl<R> Builder<R> {
     }
 }
 
-impl<R: fmt::Debug> fmt::Debug for Builder<R> {
+// By hand: the token source need not be `Debug`.
+impl fmt::Debug for BlazeAuthLayerBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Builder")
+        f.debug_struct("BlazeAuthLayerBuilder")
             .field("study", &self.study)
-            .field("origins", &self.origins)
+            // As given, less any password in user info, which `build` refuses.
+            .field(
+                "origins",
+                &self
+                    .origins
+                    .iter()
+                    .map(|url| without_user_info(url))
+                    .collect::<Vec<_>>(),
+            )
             .field("any_origin", &self.any_origin)
             .field("allow_http", &self.allow_http)
             .field("headers", &self.headers)
             .field("cache", &self.cache)
             .field("idempotent_only", &self.idempotent_only)
-            .field("replay", &self.replay)
             .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_helpers::{TestSource, inner, sent_token};
+    use http::{Request, Response, StatusCode};
+    use std::convert::Infallible;
+    use std::sync::atomic::Ordering;
+    use tower::{ServiceBuilder, ServiceExt, service_fn};
+
+    #[test]
+    fn invalid_configuration_is_rejected_when_the_layer_is_built() {
+        let build = |study: &str, name: &str, value: &str| {
+            BlazeAuthLayer::builder(TestSource::new())
+                .study(study)
+                .header(name, value)
+                .build()
+                .map(drop)
+        };
+        // Each a configuration error, and the message says which value is wrong.
+        let error = |study, name, value| {
+            let error = build(study, name, value).unwrap_err();
+            assert!(error.is_config(), "{error:?}");
+            error.to_string()
+        };
+        assert_eq!(error("", "x-partnerid", "p"), "invalid research study id");
+        assert_eq!(error("S", "bad name", "p"), "invalid header for the layer");
+        assert_eq!(
+            error("S", "x-partnerid", "a\nb"),
+            "invalid header for the layer"
+        );
+        assert_eq!(
+            error("S", "authorization", "x"),
+            "invalid header for the layer"
+        );
+        assert!(build("S", "x-partnerid", "p").is_ok());
+    }
+
+    #[test]
+    fn a_builders_debug_shows_no_password_from_an_origin() {
+        let builder = BlazeAuthLayer::builder(TestSource::new())
+            .origin("https://user:hunter2@blaze.example")
+            .partner_id("partner-42");
+        let debug = format!("{builder:?}");
+        assert!(!debug.contains("hunter2"), "{debug}");
+        assert!(!debug.contains("partner-42"), "{debug}");
+        assert!(debug.contains("blaze.example"), "{debug}");
+    }
+
+    #[test]
+    #[should_panic(expected = "invalid research study id")]
+    fn new_panics_on_an_invalid_study() {
+        BlazeAuthLayer::new(TestSource::new(), "FHIR-T\n");
+    }
+
+    #[tokio::test]
+    async fn credentials_go_only_to_the_configured_origin() {
+        let layer = BlazeAuthLayer::builder(TestSource::new())
+            .study("S")
+            .partner_id("p")
+            .origin("https://blaze.example")
+            .build()
+            .unwrap();
+        let client = layer.layer(service_fn(|request: Request<String>| async move {
+            Ok::<_, Infallible>(Response::new(request))
+        }));
+        let seen = |uri: &'static str| {
+            let client = client.clone();
+            async move {
+                let request = Request::get(uri).body(String::new()).unwrap();
+                client.oneshot(request).await.unwrap().into_body()
+            }
+        };
+        for ours in [
+            "https://blaze.example/api/Patient",
+            "https://BLAZE.example:443/api/Patient",
+            "/api/Patient",
+        ] {
+            let request = seen(ours).await;
+            assert_eq!(sent_token(&request), "token-1", "{ours}");
+            assert!(request.uri().query().unwrap().contains("researchstudy=S"));
+        }
+        for foreign in [
+            "https://evil.example/api/Patient",
+            "http://blaze.example/api/Patient",
+            "https://blaze.example:8443/api/Patient",
+            "https://blaze.example.evil.example/api/Patient",
+        ] {
+            let request = seen(foreign).await;
+            assert_eq!(request.uri(), foreign, "untouched");
+            assert!(
+                request.headers().is_empty(),
+                "{foreign}: {:?}",
+                request.headers()
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_redirect_to_another_origin_carries_no_credentials() {
+        use tower_http::follow_redirect::FollowRedirectLayer;
+        let hops = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let record = Arc::clone(&hops);
+        let servers = service_fn(move |request: Request<String>| {
+            let auth = request.headers().get(AUTHORIZATION).cloned();
+            let partner = request.headers().get("x-partnerid").cloned();
+            record
+                .lock()
+                .unwrap()
+                .push((request.uri().to_string(), auth, partner));
+            let redirect = request.uri().host() == Some("blaze.example");
+            async move {
+                let mut response = Response::new(String::new());
+                if redirect {
+                    *response.status_mut() = StatusCode::FOUND;
+                    response.headers_mut().insert(
+                        "location",
+                        HeaderValue::from_static("https://elsewhere.example/x?y=1"),
+                    );
+                }
+                Ok::<_, Infallible>(response)
+            }
+        });
+        let layer = BlazeAuthLayer::builder(TestSource::new())
+            .study("S")
+            .partner_id("p")
+            .origin("https://blaze.example")
+            .build()
+            .unwrap();
+        let client = ServiceBuilder::new()
+            .layer(FollowRedirectLayer::new())
+            .layer(layer)
+            .service(servers);
+        let request = Request::get("https://blaze.example/api/Patient")
+            .body(String::new())
+            .unwrap();
+        assert_eq!(
+            client.oneshot(request).await.unwrap().status(),
+            StatusCode::OK
+        );
+        let hops = hops.lock().unwrap();
+        assert_eq!(hops.len(), 2);
+        assert_eq!(
+            hops[0].0,
+            "https://blaze.example/api/Patient?researchstudy=S"
+        );
+        assert!(hops[0].1.is_some() && hops[0].2.is_some());
+        assert_eq!(
+            hops[1],
+            ("https://elsewhere.example/x?y=1".to_owned(), None, None)
+        );
+    }
+
+    /// What `client` sent for a request to `uri`: the request itself, or the error.
+    async fn sent_for(layer: &BlazeAuthLayer, uri: &str) -> Result<Request<String>, crate::Error> {
+        let echo = service_fn(|request: Request<String>| async move {
+            Ok::<_, Infallible>(Response::new(request))
+        });
+        let request = Request::get(uri).body(String::new()).unwrap();
+        let response = layer.layer(echo).oneshot(request).await?;
+        Ok(response.into_body())
+    }
+
+    #[test]
+    fn an_origin_without_scheme_or_host_is_rejected() {
+        for bad in ["blaze.example", "/path", "not a url", "ftp:/x"] {
+            let error = BlazeAuthLayer::builder(TestSource::new())
+                .origin(bad)
+                .build()
+                .unwrap_err();
+            assert!(error.is_config(), "{bad}");
+        }
+    }
+
+    #[tokio::test]
+    async fn by_default_only_blazes_gateways_and_loopback_get_credentials() {
+        let layer = BlazeAuthLayer::builder(TestSource::new())
+            .study("S")
+            .partner_id("p")
+            .header("x-extra", "e")
+            .build()
+            .unwrap();
+        for ours in [
+            "https://apigateway.apps.stageapi.mskcc.org/api/Patient",
+            "https://apigateway.apps.prodapi.mskcc.org/api/Patient",
+            "http://127.0.0.1:8080/api/Patient",
+            "http://localhost:3000/api/Patient",
+            "http://[::1]/api/Patient",
+            "/api/Patient",
+        ] {
+            let request = sent_for(&layer, ours).await.unwrap();
+            assert_eq!(sent_token(&request), "token-1", "{ours}");
+            assert_eq!(request.headers()["x-partnerid"], "p");
+            assert!(request.uri().query().unwrap().contains("researchstudy=S"));
+        }
+        for foreign in [
+            "https://evil.example/collect",
+            "http://evil.example/collect",
+            "http://apigateway.apps.stageapi.mskcc.org/api/Patient",
+            "https://apigateway.apps.stageapi.mskcc.org:8443/api/Patient",
+            "https://10.0.0.1/api/Patient",
+        ] {
+            let request = sent_for(&layer, foreign).await.unwrap();
+            assert_eq!(request.uri(), foreign, "untouched");
+            assert!(request.headers().is_empty(), "{foreign}");
+        }
+    }
+
+    #[tokio::test]
+    async fn any_origin_opens_the_scope_but_never_to_cleartext() {
+        let open = |allow_http| {
+            BlazeAuthLayer::builder(TestSource::new())
+                .study("S")
+                .any_origin()
+                .allow_http(allow_http)
+                .build()
+                .unwrap()
+        };
+        let layer = open(false);
+        let request = sent_for(&layer, "https://anywhere.example/x")
+            .await
+            .unwrap();
+        assert_eq!(sent_token(&request), "token-1");
+        let request = sent_for(&layer, "http://127.0.0.1:1/x").await.unwrap();
+        assert_eq!(sent_token(&request), "token-1");
+        // Neither sent with the token nor silently without it.
+        let (service, calls) = inner::<String, _>(|_| StatusCode::OK);
+        let request = Request::get("http://anywhere.example/x")
+            .body(String::new())
+            .unwrap();
+        let error = layer.layer(service).oneshot(request).await.unwrap_err();
+        assert!(error.is_config(), "{error:?}");
+        assert_eq!(
+            error.to_string(),
+            "plain http is allowed for loopback hosts only"
+        );
+        assert_eq!(calls.load(Ordering::SeqCst), 0);
+
+        let request = sent_for(&open(true), "http://anywhere.example/x")
+            .await
+            .unwrap();
+        assert_eq!(sent_token(&request), "token-1");
+    }
+
+    #[tokio::test]
+    async fn a_cleartext_origin_needs_allow_http() {
+        let named = |allow_http| {
+            BlazeAuthLayer::builder(TestSource::new())
+                .study("S")
+                .origin("http://blaze.internal:8080")
+                .allow_http(allow_http)
+                .build()
+        };
+        let error = named(false).unwrap_err();
+        assert!(error.is_config());
+        assert_eq!(
+            error.to_string(),
+            "plain http is allowed for loopback hosts only"
+        );
+        let layer = named(true).unwrap();
+        let request = sent_for(&layer, "http://blaze.internal:8080/x")
+            .await
+            .unwrap();
+        assert_eq!(sent_token(&request), "token-1");
+        // Naming an origin replaces the default scope: loopback is no longer in it.
+        let request = sent_for(&layer, "http://127.0.0.1:8080/x").await.unwrap();
+        assert!(request.headers().is_empty());
     }
 }

@@ -16,10 +16,10 @@
 //!
 //! It does so only for requests in its *credential scope*: by default Blaze's two gateways
 //! ([`blaze::STAGING_URL`], [`blaze::PRODUCTION_URL`]) and loopback hosts, or the origins
-//! named with [`Builder::origin`], or every origin after [`Builder::any_origin`]. A request
+//! named with [`BlazeAuthLayerBuilder::origin`], or every origin after [`BlazeAuthLayerBuilder::any_origin`]. A request
 //! to another origin passes through untouched, so a redirect to another host (with the layer
 //! inside tower-http's `FollowRedirectLayer`) gets no credentials; plain `http` to a host that
-//! is not loopback never gets a token without [`Builder::allow_http`]. Relative URIs, as
+//! is not loopback never gets a token without [`BlazeAuthLayerBuilder::allow_http`]. Relative URIs, as
 //! tonic sends them, are always authenticated.
 //!
 //! Tokens come from a [`TokenSource`]. The layer caches them, refreshes them ahead of expiry,
@@ -121,6 +121,7 @@
 
 #[cfg(feature = "reqwest-middleware")]
 mod attempt;
+mod backoff;
 pub mod blaze;
 mod error;
 mod layer;
@@ -150,13 +151,10 @@ mod test_helpers;
 struct ReadmeDoctests;
 
 pub use crate::{
-    error::{BoxError, Error},
-    layer::{
-        BlazeAuthLayer, Builder, DEFAULT_FETCH_COOLDOWN, DEFAULT_FETCH_TIMEOUT,
-        DEFAULT_REFRESH_MARGIN, DEFAULT_STORM_WINDOW,
-    },
+    error::{BoxError, Error, FetchError},
+    layer::{BlazeAuthLayer, BlazeAuthLayerBuilder},
     metrics::Metrics,
-    replay::{BufferBody, CloneBody, DEFAULT_REPLAY_CAP, NoReplay, Replay, ReplayBody},
+    replay::{BufferBody, CloneBody, NoReplay, Replay, ReplayBody},
     service::BlazeAuth,
     study::ResearchStudy,
     token::{AccessToken, StaticToken, TokenFn, TokenFuture, TokenSource, token_fn},
@@ -164,7 +162,9 @@ pub use crate::{
 
 #[cfg(feature = "oauth2")]
 #[cfg_attr(docsrs, doc(cfg(feature = "oauth2")))]
-pub use crate::token::oauth2::{BlazeEnv, ClientAuth, ClientCredentials, ClientSecret, TokenError};
+pub use crate::token::oauth2::{
+    BlazeEnv, ClientAuth, ClientCredentials, ClientCredentialsBuilder, ClientSecret, TokenError,
+};
 
 #[cfg(feature = "metrics")]
 #[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]

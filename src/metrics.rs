@@ -17,7 +17,7 @@ pub struct Metrics {
     /// Requests sent a second time after a 401.
     pub retries: u64,
     /// 401s returned without a new token by the storm guard: a token fetched after a 401 was
-    /// refused too (see [`Builder::storm_window`](crate::Builder::storm_window)).
+    /// refused too (see [`BlazeAuthLayerBuilder::storm_window`](crate::BlazeAuthLayerBuilder::storm_window)).
     pub refreshes_skipped: u64,
     /// How long ago the cached token was fetched; `None` before the first token.
     pub token_age: Option<Duration>,

@@ -144,3 +144,8 @@ pub(crate) fn reject_first_token(token: &str) -> StatusCode {
         StatusCode::OK
     }
 }
+
+/// A `GET /Patient` with an empty body.
+pub(crate) fn get() -> Request<String> {
+    Request::get("/Patient").body(String::new()).unwrap()
+}

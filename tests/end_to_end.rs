@@ -3,7 +3,7 @@
 #![cfg(all(feature = "testing", feature = "oauth2", feature = "rustls"))]
 
 use blaze_auth::{
-    BlazeAuth, BlazeAuthLayer, Builder, ClientCredentials, TokenError,
+    BlazeAuth, BlazeAuthLayer, BlazeAuthLayerBuilder, ClientCredentials, TokenError,
     testing::{DEMO_CLIENT_ID, DEMO_CLIENT_SECRET, DEMO_STUDY, StandIn, TokenFailure},
 };
 use bytes::Bytes;
@@ -19,7 +19,7 @@ use tower::{Layer, ServiceExt};
 
 type Blaze = BlazeAuth<Client<HttpConnector, Full<Bytes>>>;
 
-fn layer(stand_in: &StandIn) -> Builder {
+fn layer(stand_in: &StandIn) -> BlazeAuthLayerBuilder {
     let source = ClientCredentials::blaze(&stand_in.base_url(), DEMO_CLIENT_ID, DEMO_CLIENT_SECRET)
         .build()
         .unwrap();

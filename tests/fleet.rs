@@ -38,10 +38,7 @@ async fn eight_processes_with_an_expired_shared_token_make_one_token_request() {
     fleet
         .stand_in
         .fail_token_requests(1, TokenFailure::Slow(Duration::from_millis(500)));
-    let mut children: Vec<_> = (0..8).map(|_| fleet.spawn(Mode::Burst(1000))).collect();
-    for child in &children {
-        child.wait_for("started");
-    }
+    let mut children = fleet.spawn_started(8, Mode::Burst(1000));
     for child in &mut children {
         child.go();
     }
@@ -75,12 +72,18 @@ async fn a_lock_holder_killed_mid_fetch_is_taken_over_and_every_request_ends() {
     let mut holder = fleet.spawn(Mode::Burst(1));
     holder.go();
     wait_until("A's token request", || fleet.stand_in.token_requests() == 1).await;
+    // As the lock holder (not a fallback without Redis): its renewals keep the lock.
+    assert!(
+        fleet.redis.get(&fleet.lock_key()).await.is_some(),
+        "A holds the lock"
+    );
+    assert!(fleet.redis.pttl(&fleet.lock_key()).await > 0);
 
     // Seven more processes find A's lock and wait for its token; then A dies (SIGKILL): no
-    // release, no more renewals.
-    let mut survivors: Vec<_> = (0..7).map(|_| fleet.spawn(Mode::Burst(1000))).collect();
+    // release, no more renewals. They start together, so that none has waited long when A
+    // dies, however slowly the seven start.
+    let mut survivors = fleet.spawn_started(7, Mode::Burst(1000));
     for survivor in &mut survivors {
-        survivor.wait_for("started");
         survivor.go();
     }
     holder.child.kill().unwrap();
@@ -116,9 +119,9 @@ async fn an_outage_costs_the_fleet_one_schedule_of_token_requests_not_one_per_pr
 
     // Eight processes send a request every 20 ms; their layers ask for a token at each one
     // (no cool-down of their own), so only the shared cool-down keeps them off the endpoint.
-    let mut children: Vec<_> = (0..8).map(|_| fleet.spawn(Mode::Steady)).collect();
+    // They start together: the outage is timed from their first requests.
+    let mut children = fleet.spawn_started(8, Mode::Steady);
     for child in &mut children {
-        child.wait_for("started");
         child.go();
     }
     tokio::time::sleep(outage).await;
@@ -262,6 +265,7 @@ fn metrics_json(m: &RedisMetrics) -> serde_json::Value {
 // Helpers.
 
 /// What a child process does.
+#[derive(Clone, Copy)]
 enum Mode {
     /// Sends this many requests at once, then exits.
     Burst(usize),
@@ -291,6 +295,15 @@ impl Fleet {
 
     /// The Redis key of the token the children share.
     fn token_key(&self) -> String {
+        self.key("token")
+    }
+
+    /// The Redis key of the lock the children take to fetch the token.
+    fn lock_key(&self) -> String {
+        self.key("lock")
+    }
+
+    fn key(&self, name: &str) -> String {
         let source = ClientCredentials::blaze(
             &self.stand_in.base_url(),
             DEMO_CLIENT_ID,
@@ -298,7 +311,7 @@ impl Fleet {
         )
         .build()
         .unwrap();
-        format!("{}{{{}}}:token", self.prefix, source.shared_key().digest())
+        format!("{}{{{}}}:{name}", self.prefix, source.shared_key().digest())
     }
 
     /// Stores a shared token that expired a second ago.
@@ -315,6 +328,15 @@ impl Fleet {
         });
         let value = format!("{}:json:{json}", "0".repeat(32));
         self.redis.set(&self.token_key(), &value).await;
+    }
+
+    /// Spawns `n` children, all at once, and waits until each has built its layer.
+    fn spawn_started(&self, n: usize, mode: Mode) -> Vec<Running> {
+        let children: Vec<_> = (0..n).map(|_| self.spawn(mode)).collect();
+        for child in &children {
+            child.wait_for("started");
+        }
+        children
     }
 
     fn spawn(&self, mode: Mode) -> Running {

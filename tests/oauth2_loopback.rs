@@ -24,15 +24,13 @@ use tower::{ServiceBuilder, ServiceExt};
 
 const SECRET: &str = "s3cr3t&=+ value";
 
-fn source(url: &str) -> blaze_auth::token::oauth2::ClientCredentialsBuilder {
+fn source(url: &str) -> blaze_auth::ClientCredentialsBuilder {
     ClientCredentials::builder(url, "partner-1", SECRET)
         .scope("full")
         .backoff(Duration::from_millis(1), Duration::from_millis(5))
 }
 
-async fn fetch(
-    builder: blaze_auth::token::oauth2::ClientCredentialsBuilder,
-) -> Result<AccessToken, TokenError> {
+async fn fetch(builder: blaze_auth::ClientCredentialsBuilder) -> Result<AccessToken, TokenError> {
     builder.build().unwrap().fetch_token().await
 }
 

@@ -123,5 +123,5 @@ fn no_roots_at_all_is_a_build_error() {
         .tls_roots(TlsRoots::Added)
         .build()
         .unwrap_err();
-    assert!(error.is_tls(), "{error:?}");
+    assert!(error.is_config(), "{error:?}");
 }

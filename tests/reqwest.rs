@@ -386,7 +386,7 @@ mod middleware {
             panic!("{error:?}");
         };
         let error = error.downcast_ref::<blaze_auth::Error>().unwrap();
-        assert!(error.is_insecure_url(), "{error:?}");
+        assert!(error.is_config(), "{error:?}");
         assert_eq!(layer.metrics().token_fetches, 0);
     }
 

@@ -16,7 +16,7 @@ use std::{
 };
 
 /// The cap of [`BufferBody::default`]: 64 KiB.
-pub const DEFAULT_REPLAY_CAP: usize = 64 * 1024;
+const DEFAULT_REPLAY_CAP: usize = 64 * 1024;
 
 /// Replays bodies that cannot be cloned (hyper's `Incoming`, tonic's request bodies) from a
 /// record of what was sent, up to a cap. See the [module docs](crate::replay).
@@ -55,7 +55,7 @@ impl BufferBody {
 }
 
 impl Default for BufferBody {
-    /// Records up to [`DEFAULT_REPLAY_CAP`], 64 KiB.
+    /// Records up to 64 KiB.
     fn default() -> Self {
         Self::new(DEFAULT_REPLAY_CAP)
     }
@@ -102,7 +102,7 @@ where
 
     /// Whether the record holds all that the first request read; if so, the retry takes
     /// the body over from here (see [`BufferBody`]).
-    fn can_replay(copy: &ReplayBody<B>) -> bool {
+    fn claim(copy: &ReplayBody<B>) -> bool {
         match &copy.kind {
             Kind::Empty => true,
             Kind::Once { .. } => false,
@@ -495,7 +495,7 @@ mod tests {
         assert_eq!(sent.trailers(), Some(&trailer_map()));
         assert_eq!(sent.to_bytes(), "abcdef");
 
-        assert!(can_replay(&copy));
+        assert!(claim(&copy));
         assert_eq!(copy.size_hint().exact(), Some(6));
         let replayed = copy.collect().await.unwrap();
         assert_eq!(replayed.trailers(), Some(&trailer_map()));
@@ -514,7 +514,7 @@ mod tests {
         // The first request waits for more of the caller's body when its 401 arrives.
         let mut waiting = tokio_test::task::spawn(first.frame());
         assert_pending!(waiting.poll());
-        assert!(can_replay(&copy));
+        assert!(claim(&copy));
         assert!(waiting.is_woken(), "the first body is woken to end");
         let error = assert_ready!(waiting.poll()).unwrap().unwrap_err();
         assert_eq!(error.to_string(), "request body taken over by the retry");
@@ -542,7 +542,7 @@ mod tests {
         first.frame().await.unwrap().unwrap();
         drop(first);
         let copy = copy.unwrap();
-        assert!(can_replay(&copy));
+        assert!(claim(&copy));
         tx.send(data("cd")).unwrap();
         drop(tx);
         assert_eq!(copy.collect().await.unwrap().to_bytes(), "abcd");
@@ -553,7 +553,7 @@ mod tests {
         let (first, copy) = BufferBody::new(4).replayable(frames([data("abc"), data("de")]));
         let mut copy = copy.unwrap();
         assert_eq!(first.collect().await.unwrap().to_bytes(), "abcde");
-        assert!(!can_replay(&copy));
+        assert!(!claim(&copy));
         assert!(!copy.is_end_stream());
         assert_eq!(copy.size_hint().exact(), None);
         let error = copy.frame().await.unwrap().unwrap_err();
@@ -566,13 +566,13 @@ mod tests {
         let (first, copy) = BufferBody::new(4).replayable(full("abcd"));
         first.collect().await.unwrap();
         let copy = copy.unwrap();
-        assert!(can_replay(&copy));
+        assert!(claim(&copy));
         assert_eq!(copy.collect().await.unwrap().to_bytes(), "abcd");
 
         // Trailers count too: "x-checksum" and "1" are 11 bytes.
         let (first, copy) = BufferBody::new(12).replayable(frames([data("ab"), trailers()]));
         first.collect().await.unwrap();
-        assert!(!can_replay(&copy.unwrap()));
+        assert!(!claim(&copy.unwrap()));
     }
 
     #[tokio::test]
@@ -601,7 +601,7 @@ mod tests {
         assert!(first.frame().await.is_none());
         assert!(first.is_end_stream());
         assert_eq!(copy.size_hint().exact(), Some(2));
-        assert!(can_replay(&copy));
+        assert!(claim(&copy));
         copy.frame().await.unwrap().unwrap();
         assert!(copy.is_end_stream());
         assert_eq!(copy.size_hint().exact(), Some(0));
@@ -612,7 +612,7 @@ mod tests {
         let mut copy = copy.unwrap();
         assert!(first.is_end_stream() && copy.is_end_stream());
         assert_eq!(copy.size_hint().exact(), Some(0));
-        assert!(can_replay(&copy));
+        assert!(claim(&copy));
         assert!(copy.frame().await.is_none());
     }
 
@@ -627,7 +627,7 @@ mod tests {
         let error = first.frame().await.unwrap().unwrap_err();
         assert_eq!(error.downcast::<io::Error>().unwrap().to_string(), "boom");
         assert!(first.frame().await.is_none());
-        assert!(!can_replay(&copy.unwrap()));
+        assert!(!claim(&copy.unwrap()));
 
         let mut once = BufferBody::default().once(failing());
         once.frame().await.unwrap().unwrap();
@@ -652,7 +652,7 @@ mod tests {
     async fn frames_after_the_trailers_are_not_replayed() {
         let (first, copy) = BufferBody::default().replayable(frames([trailers(), data("ab")]));
         let _ = first.collect().await;
-        assert!(!can_replay(&copy.unwrap()));
+        assert!(!claim(&copy.unwrap()));
     }
 
     #[tokio::test]
@@ -765,12 +765,12 @@ mod tests {
         map
     }
 
-    fn can_replay<B>(copy: &ReplayBody<B>) -> bool
+    fn claim<B>(copy: &ReplayBody<B>) -> bool
     where
         B: Body,
         B::Error: Into<BoxError>,
     {
-        <BufferBody as Replay<B>>::can_replay(copy)
+        <BufferBody as Replay<B>>::claim(copy)
     }
 
     /// A body whose frames the test sends as it goes.

@@ -72,8 +72,10 @@
 //! ```
 
 mod buffer;
+mod copy;
 
-pub use self::buffer::{BufferBody, DEFAULT_REPLAY_CAP, ReplayBody};
+pub use self::buffer::{BufferBody, ReplayBody};
+pub(crate) use self::copy::RequestCopy;
 
 /// Decides whether, and how, a request body can be sent a second time.
 ///
@@ -90,15 +92,15 @@ pub trait Replay<B> {
     /// the retry if there can be one.
     fn replayable(&self, body: B) -> (Self::Body, Option<Self::Body>);
 
-    /// Whether `copy`, made by [`replayable`](Replay::replayable), can still be sent when a
-    /// 401 arrives; if not, the 401 goes to the caller. For a copy that may turn out
-    /// incomplete, such as a buffer with a size cap. Default: `true`.
+    /// Claims `copy`, made by [`replayable`](Replay::replayable), for the retry once a 401
+    /// has arrived; returns whether it can be sent. If not, the 401 goes to the caller. For a
+    /// copy that may turn out incomplete, such as a buffer with a size cap. Default: `true`.
     ///
-    /// The layer calls it once, when the 401 arrives and before the retry; the first
-    /// request's answer is in by then. A `true` may commit the copy to the retry:
-    /// [`BufferBody`] takes the rest of the caller's body over there, and the first
-    /// request's body, if it was still being sent, ends with an error.
-    fn can_replay(copy: &Self::Body) -> bool {
+    /// The layer calls it at most once, when the 401 arrives and the cache has a new token
+    /// (or a fetch of one) for the retry; the first request's answer is in by then. A `true`
+    /// commits the copy to the retry: [`BufferBody`] takes the rest of the caller's body over
+    /// there, and the first request's body, if it was still being sent, ends with an error.
+    fn claim(copy: &Self::Body) -> bool {
         let _ = copy;
         true
     }

@@ -106,7 +106,7 @@ impl Middleware for BlazeMiddleware {
             return next.run(request, extensions).await;
         }
         prepare(&self.auth, &mut request, uri, extensions).map_err(failed)?;
-        let copy = if self.auth.retries(request.method()) {
+        let copy = if self.auth.may_retry(request.method()) {
             request.try_clone()
         } else {
             None

@@ -15,8 +15,10 @@
 //! failed refresh ahead of expiry is tried again only after it.
 
 use crate::{
-    error::{BoxError, Error},
+    backoff,
+    error::{BoxError, Error, FetchError},
     metrics::{Metrics, export},
+    rejection::Verdict,
     token::{AccessToken, TokenSource},
 };
 use arc_swap::ArcSwapOption;
@@ -110,6 +112,9 @@ pub(crate) struct Entry {
     /// When to refresh ahead of expiry, in nanoseconds since the cache's epoch. The request
     /// that swaps in [`CLAIMED`] starts the refresh; a failed refresh sets a later time.
     refresh_at: AtomicU64,
+    /// The first `refresh_at`, which a failed refresh only ever puts later: until then a
+    /// request compares two instants, and neither loads `refresh_at` nor converts the clock.
+    refresh_from: Instant,
     issued_at: Instant,
     /// Fetched because the server refused the token before, and not yet accepted by it: if
     /// this one is refused too, soon, a new token is not what the server wants (see
@@ -125,9 +130,27 @@ const CLAIMED: u64 = u64::MAX;
 /// The token one request is sent with.
 pub(crate) struct Credential {
     pub(crate) header: HeaderValue,
-    pub(crate) id: u64,
-    /// The token is on probation: tell the cache when the server accepts it.
-    pub(crate) on_probation: bool,
+    pub(crate) sent: Sent,
+}
+
+/// Which cached token a request went out with: what [`TokenCache::after_response`] needs.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Sent {
+    id: u64,
+    /// Fetched after a 401 and not accepted by the server yet: the storm guard watches it.
+    on_probation: bool,
+    /// The request is the retry after a 401: its answer goes to the caller, whatever it is.
+    retry: bool,
+}
+
+impl Sent {
+    /// The same token, sent with the retry.
+    pub(crate) fn as_retry(self) -> Self {
+        Self {
+            retry: true,
+            ..self
+        }
+    }
 }
 
 pub(crate) enum Lookup {
@@ -162,9 +185,11 @@ impl TokenCache {
             let now = Instant::now();
             if now < expires_at {
                 export::token_used(expires_at - now);
-                let refresh_at = entry.refresh_at.load(Ordering::Acquire);
-                if self.nanos(now) >= refresh_at {
-                    self.refresh_ahead(entry, refresh_at);
+                if now >= entry.refresh_from {
+                    let refresh_at = entry.refresh_at.load(Ordering::Acquire);
+                    if self.nanos(now) >= refresh_at {
+                        self.refresh_ahead(entry, refresh_at);
+                    }
                 }
                 return Lookup::Ready(entry.credential());
             }
@@ -172,18 +197,31 @@ impl TokenCache {
         self.renew(None)
     }
 
-    /// The token to retry with after the server rejected the one with id `rejected`, or
-    /// `None` if the storm guard says a new token will not help: the 401 is the answer.
+    /// Hears what the server said to the token a request was `sent` with, and says what the
+    /// request does next: `None`, its response is the answer; `Some`, a retry gets its token
+    /// from this lookup.
     ///
-    /// Only the first rejection of the cached token fetches a new one; a request that was
-    /// sent with an older token gets the current one, or joins the fetch under way.
-    pub(crate) fn reject(self: &Arc<Self>, rejected: u64) -> Option<Lookup> {
+    /// A token on probation that the server accepted is off probation. A refused one is
+    /// dropped, so that the next request does not meet it too, and a new one fetched, unless
+    /// the storm guard says a new token will not help. Only the first refusal of the cached
+    /// token fetches a new one; a request that was sent with an older token gets the current
+    /// one, or joins the fetch under way. The retry's own answer goes to the caller as it is.
+    pub(crate) fn after_response(self: &Arc<Self>, sent: Sent, verdict: Verdict) -> Option<Lookup> {
+        if verdict != Verdict::Refused {
+            if sent.on_probation {
+                self.accept(sent.id);
+            }
+            return None;
+        }
+        if sent.retry {
+            return None;
+        }
         if let Some(entry) = &*self.current.load() {
-            if entry.id == rejected && self.in_storm(entry, Instant::now()) {
+            if entry.id == sent.id && self.in_storm(entry, Instant::now()) {
                 return None;
             }
         }
-        Some(self.renew(Some(rejected)))
+        Some(self.renew(Some(sent.id)))
     }
 
     fn renew(self: &Arc<Self>, rejected: Option<u64>) -> Lookup {
@@ -227,7 +265,7 @@ impl TokenCache {
     }
 
     /// The server accepted the token with id `id`: it is off probation.
-    pub(crate) fn accept(&self, id: u64) {
+    fn accept(&self, id: u64) {
         if let Some(entry) = &*self.current.load() {
             if entry.id == id {
                 entry.on_probation.store(false, Ordering::Relaxed);
@@ -280,7 +318,7 @@ impl TokenCache {
 
     fn start(self: &Arc<Self>, flight: &mut Flight, rejected: Option<AccessToken>) -> TokenWait {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return TokenWait::failed("no Tokio runtime to fetch the token on");
+            return TokenWait::failed(FetchError::NoRuntime);
         };
         let cache = Arc::clone(self);
         self.counters.fetches.fetch_add(1, Ordering::Relaxed);
@@ -297,8 +335,8 @@ impl TokenCache {
             let started = Instant::now();
             let result = match tokio::time::timeout(cache.config.fetch_timeout, fetch).await {
                 Ok(Ok(result)) => result,
-                Ok(Err(_)) => Err("token source panicked".into()),
-                Err(_) => Err("token fetch timed out".into()),
+                Ok(Err(_)) => Err(FetchError::Panicked.into()),
+                Err(_) => Err(FetchError::TimedOut.into()),
             };
             let ended = Instant::now();
             let remaining = |token: &AccessToken| token.expires_at()?.checked_duration_since(ended);
@@ -391,15 +429,18 @@ impl TokenCache {
         // never takes more than half the token's lifetime, so that a token that lives 5 s is
         // not refreshed on every request because the margin is 60 s.
         let jitter = self.config.refresh_jitter.mul_f64(fastrand::f64());
-        let refresh_at = token.expires_at().map_or(CLAIMED, |expires_at| {
+        let refresh_from = token.expires_at().map(|expires_at| {
             let lifetime = expires_at.saturating_duration_since(now);
             let margin = self.config.refresh_margin.saturating_add(jitter);
-            self.nanos(expires_at - margin.min(lifetime / 2))
+            expires_at - margin.min(lifetime / 2)
         });
+        let refresh_at = refresh_from.map_or(CLAIMED, |at| self.nanos(at));
         Entry {
             token,
             id,
             refresh_at: AtomicU64::new(refresh_at),
+            // For a token that never expires `get` returns before it looks at this.
+            refresh_from: refresh_from.unwrap_or(now),
             issued_at: now,
             on_probation: AtomicBool::new(after_rejection),
             storm_logged: AtomicBool::new(false),
@@ -407,11 +448,10 @@ impl TokenCache {
     }
 
     /// The cool-down after `in_a_row` failed fetches: the configured one, doubled for each
-    /// failure after the first, up to [`MAX_COOLDOWN`].
+    /// failure after the first, up to [`MAX_COOLDOWN`] (or the configured one, if longer).
     fn cooldown(&self, in_a_row: u32) -> Duration {
         let first = self.config.fetch_cooldown;
-        let doubled = first.saturating_mul(1 << in_a_row.saturating_sub(1).min(16));
-        doubled.min(MAX_COOLDOWN.max(first))
+        backoff::exponential(first, in_a_row, MAX_COOLDOWN.max(first))
     }
 
     fn nanos(&self, at: Instant) -> u64 {
@@ -443,8 +483,11 @@ impl Entry {
     fn credential(&self) -> Credential {
         Credential {
             header: self.token.header().clone(),
-            id: self.id,
-            on_probation: self.on_probation.load(Ordering::Relaxed),
+            sent: Sent {
+                id: self.id,
+                on_probation: self.on_probation.load(Ordering::Relaxed),
+                retry: false,
+            },
         }
     }
 }
@@ -454,8 +497,8 @@ impl Entry {
 pub(crate) struct TokenWait(Shared<FetchTask>);
 
 impl TokenWait {
-    fn failed(reason: &'static str) -> Self {
-        Self(FetchTask(Err(Arc::from(BoxError::from(reason)))).shared())
+    fn failed(cause: FetchError) -> Self {
+        Self(FetchTask(Err(Arc::new(cause))).shared())
     }
 }
 
@@ -477,28 +520,522 @@ impl Future for FetchTask {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match &mut self.0 {
-            Ok(handle) => Pin::new(handle).poll(cx).map(|joined| {
-                joined
-                    .unwrap_or_else(|_| Err(Arc::from(BoxError::from("token fetch was cancelled"))))
-            }),
+            Ok(handle) => Pin::new(handle)
+                .poll(cx)
+                .map(|joined| joined.unwrap_or_else(|_| Err(Arc::new(FetchError::Cancelled)))),
             Err(error) => Poll::Ready(Err(Arc::clone(error))),
         }
     }
 }
 
+// The cache's behaviour, driven through the layer as a client meets it.
 #[cfg(test)]
 mod tests {
     use crate::{
-        BlazeAuth,
-        test_helpers::{TestSource, inner},
+        AccessToken, BlazeAuth, BlazeAuthLayer, Error, FetchError,
+        layer::{DEFAULT_FETCH_COOLDOWN, DEFAULT_STORM_WINDOW},
+        test_helpers::{TestSource, get, inner, reject_first_token, sent_token},
     };
-    use http::{Request, StatusCode};
+    use http::{Request, Response, StatusCode};
     use std::{
+        convert::Infallible,
+        error::Error as _,
         io::Write,
-        sync::{Arc, Mutex},
+        sync::{
+            Arc, Mutex,
+            atomic::{AtomicBool, AtomicUsize, Ordering},
+        },
         time::Duration,
     };
-    use tower::ServiceExt;
+    use tokio::sync::Barrier;
+    use tokio_test::assert_pending;
+    use tower::{Layer, Service, ServiceExt, service_fn};
+
+    #[tokio::test(start_paused = true)]
+    async fn thousand_requests_at_expiry_cause_exactly_one_fetch() {
+        let source = TestSource::expiring(Duration::from_secs(3600));
+        let (service, calls) = inner::<String, _>(|_| StatusCode::OK);
+        let client = BlazeAuth::new(service, source.clone(), "S");
+        client.clone().oneshot(get()).await.unwrap();
+        assert_eq!(source.fetches(), 1);
+
+        tokio::time::advance(Duration::from_secs(3600)).await;
+        let tasks: Vec<_> = (0..1000)
+            .map(|_| tokio::spawn(client.clone().oneshot(get())))
+            .collect();
+        for task in tasks {
+            let response = task.await.unwrap().unwrap();
+            assert_eq!(response.status(), StatusCode::OK);
+            assert_eq!(response.body(), "token-2");
+        }
+        assert_eq!(source.fetches(), 2);
+        assert_eq!(calls.load(Ordering::SeqCst), 1001);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn thousand_threaded_requests_share_one_fetch() {
+        let source = TestSource::gated();
+        let (service, _) = inner::<String, _>(|_| StatusCode::OK);
+        let client = BlazeAuth::new(service, source.clone(), "S");
+        let waiting = Arc::new(AtomicUsize::new(0));
+        let tasks: Vec<_> = (0..1000)
+            .map(|_| {
+                let mut client = client.clone();
+                let waiting = Arc::clone(&waiting);
+                tokio::spawn(async move {
+                    // `call` joins (or starts) the fetch before it returns.
+                    let future = client.ready().await.unwrap().call(get());
+                    waiting.fetch_add(1, Ordering::SeqCst);
+                    future.await
+                })
+            })
+            .collect();
+        while waiting.load(Ordering::SeqCst) < 1000 {
+            tokio::task::yield_now().await;
+        }
+        source.open();
+        for task in tasks {
+            assert_eq!(task.await.unwrap().unwrap().body(), "token-1");
+        }
+        assert_eq!(source.fetches(), 1);
+    }
+
+    #[tokio::test]
+    async fn hundred_concurrent_401s_on_one_token_cause_one_refresh() {
+        let source = TestSource::new();
+        let barrier = Arc::new(Barrier::new(100));
+        let calls = Arc::new(AtomicUsize::new(0));
+        let (barrier_in, calls_in) = (Arc::clone(&barrier), Arc::clone(&calls));
+        // Every first call waits until all 100 were sent with token-1: then all get 401.
+        let service = service_fn(move |request: Request<String>| {
+            let barrier = Arc::clone(&barrier_in);
+            calls_in.fetch_add(1, Ordering::SeqCst);
+            async move {
+                let token = sent_token(&request);
+                // The bound turns a broken single flight into a failure, not a hang.
+                if token == "token-1"
+                    && tokio::time::timeout(Duration::from_secs(10), barrier.wait())
+                        .await
+                        .is_err()
+                {
+                    return Ok(Response::new("barrier timed out".to_owned()));
+                }
+                let mut response = Response::new(token.clone());
+                *response.status_mut() = reject_first_token(&token);
+                Ok::<_, Infallible>(response)
+            }
+        });
+        let client = BlazeAuth::new(service, source.clone(), "S");
+        let tasks: Vec<_> = (0..100)
+            .map(|_| tokio::spawn(client.clone().oneshot(get())))
+            .collect();
+        for task in tasks {
+            let response = task.await.unwrap().unwrap();
+            assert_eq!(response.status(), StatusCode::OK);
+            assert_eq!(response.body(), "token-2");
+        }
+        assert_eq!(source.fetches(), 2);
+        assert_eq!(source.rejected(), ["token-1"]);
+        assert_eq!(calls.load(Ordering::SeqCst), 200);
+    }
+
+    #[tokio::test]
+    async fn a_401_on_an_already_replaced_token_does_not_refresh_again() {
+        let source = TestSource::new();
+        let (service, _) = inner::<String, _>(reject_first_token);
+        let mut client = BlazeAuth::new(service, source.clone(), "S");
+        // Sent with token-1; its 401 arrives only after another request replaced token-1.
+        let late = client.ready().await.unwrap().call(get());
+        let first = client.clone().oneshot(get()).await.unwrap();
+        assert_eq!(first.body(), "token-2");
+        let late = late.await.unwrap();
+        assert_eq!(late.status(), StatusCode::OK);
+        assert_eq!(late.body(), "token-2");
+        assert_eq!(source.fetches(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_dropped_caller_does_not_cancel_the_fetch_for_others() {
+        let source = TestSource::gated();
+        let (service, _) = inner::<String, _>(|_| StatusCode::OK);
+        let mut client = BlazeAuth::new(service, source.clone(), "S");
+        let mut starter = tokio_test::task::spawn(client.ready().await.unwrap().call(get()));
+        assert_pending!(starter.poll());
+        let other = tokio::spawn(client.clone().oneshot(get()));
+        drop(starter);
+        source.open();
+        assert_eq!(other.await.unwrap().unwrap().body(), "token-1");
+
+        // With every caller gone, the fetch still completes and fills the cache.
+        let source = TestSource::gated();
+        let (service, _) = inner::<String, _>(|_| StatusCode::OK);
+        let mut client = BlazeAuth::new(service, source.clone(), "S");
+        let mut only = tokio_test::task::spawn(client.ready().await.unwrap().call(get()));
+        assert_pending!(only.poll());
+        drop(only);
+        source.open();
+        while source.fetches() == 0 {
+            tokio::task::yield_now().await;
+        }
+        tokio::task::yield_now().await;
+        let response = client.oneshot(get()).await.unwrap();
+        assert_eq!(response.body(), "token-1");
+        assert_eq!(source.fetches(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_fetch_fails_every_waiter_and_the_next_request_tries_again() {
+        let source = TestSource::gated();
+        source.set_failing(true);
+        let (service, calls) = inner::<String, _>(|_| StatusCode::OK);
+        let client = BlazeAuth::new(service, source.clone(), "S");
+        let mut waiters: Vec<_> = (0..10)
+            .map(|_| tokio_test::task::spawn(client.clone().oneshot(get())))
+            .collect();
+        for waiter in &mut waiters {
+            assert_pending!(waiter.poll());
+        }
+        source.open();
+        for waiter in waiters {
+            let error = waiter.await.unwrap_err();
+            assert!(error.is_token(), "{error:?}");
+            assert_eq!(error.source().unwrap().to_string(), "fetch 1 failed");
+        }
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            0,
+            "no request is sent without a token"
+        );
+        assert_eq!(source.fetches(), 1);
+
+        // After the cool-down (1 s by default), the next request fetches again.
+        source.set_failing(false);
+        tokio::time::advance(DEFAULT_FETCH_COOLDOWN).await;
+        let response = client.oneshot(get()).await.unwrap();
+        assert_eq!(response.body(), "token-2");
+        assert_eq!(source.fetches(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn during_the_cool_down_requests_fail_fast_without_fetching() {
+        let source = TestSource::new();
+        source.set_failing(true);
+        let (service, calls) = inner::<String, _>(|_| StatusCode::OK);
+        let client = BlazeAuth::new(service, source.clone(), "S");
+        let mut fetches_seen = Vec::new();
+        // Cool-downs of 1, 2, 4, 8, 16, 30, 30 s: a fetch at each of their ends, no other.
+        for cooldown in [1, 2, 4, 8, 16, 30, 30] {
+            for _ in 0..100 {
+                let error = client.clone().oneshot(get()).await.unwrap_err();
+                assert!(error.is_token());
+            }
+            fetches_seen.push(source.fetches());
+            tokio::time::advance(Duration::from_secs(cooldown) - Duration::from_millis(1)).await;
+            assert!(client.clone().oneshot(get()).await.is_err());
+            assert_eq!(source.fetches(), *fetches_seen.last().unwrap());
+            tokio::time::advance(Duration::from_millis(1)).await;
+        }
+        assert_eq!(fetches_seen, [1, 2, 3, 4, 5, 6, 7]);
+        assert_eq!(calls.load(Ordering::SeqCst), 0);
+        source.set_failing(false);
+        assert_eq!(client.oneshot(get()).await.unwrap().body(), "token-8");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_refresh_ahead_of_expiry_keeps_the_cached_token() {
+        let source = TestSource::expiring(Duration::from_secs(3600));
+        let (service, calls) = inner::<String, _>(|_| StatusCode::OK);
+        let client = BlazeAuth::new(service, source.clone(), "S");
+        client.clone().oneshot(get()).await.unwrap();
+        source.set_failing(true);
+        tokio::time::advance(Duration::from_secs(3600 - 30)).await;
+        // In the margin: every request is served with token-1, one refresh is tried per
+        // cool-down, and none waits for it.
+        for _ in 0..5 {
+            for _ in 0..20 {
+                assert_eq!(
+                    client.clone().oneshot(get()).await.unwrap().body(),
+                    "token-1"
+                );
+                tokio::task::yield_now().await;
+            }
+            tokio::time::advance(Duration::from_millis(900)).await;
+        }
+        assert_eq!(
+            source.fetches(),
+            3,
+            "tried at 0 s, after 1 s and after 2 s more"
+        );
+        source.set_failing(false);
+        tokio::time::advance(Duration::from_secs(4)).await;
+        client.clone().oneshot(get()).await.unwrap();
+        tokio::task::yield_now().await;
+        assert_eq!(client.oneshot(get()).await.unwrap().body(), "token-4");
+        assert_eq!(calls.load(Ordering::SeqCst), 103);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_panicking_source_is_an_error_not_a_stuck_cache() {
+        let panicked = Arc::new(AtomicBool::new(false));
+        let once = Arc::clone(&panicked);
+        let source = crate::token_fn(move |_| {
+            let first = !once.swap(true, Ordering::SeqCst);
+            async move {
+                assert!(!first, "source bug");
+                AccessToken::bearer("ok")
+            }
+        });
+        let (service, _) = inner::<String, _>(|_| StatusCode::OK);
+        let client = BlazeAuth::new(service, source, "S");
+        let error = client.clone().oneshot(get()).await.unwrap_err();
+        assert!(error.is_token() && !error.is_timeout());
+        assert_eq!(cause(&error), Some(&FetchError::Panicked));
+        tokio::time::advance(DEFAULT_FETCH_COOLDOWN).await;
+        assert_eq!(client.oneshot(get()).await.unwrap().body(), "ok");
+    }
+
+    #[test]
+    fn a_request_outside_a_tokio_runtime_fails_with_a_typed_cause() {
+        let (service, calls) = inner::<String, _>(|_| StatusCode::OK);
+        let client = BlazeAuth::new(service, TestSource::new(), "S");
+        let error = futures_util::FutureExt::now_or_never(client.oneshot(get()))
+            .expect("fails at once")
+            .unwrap_err();
+        assert!(error.is_token());
+        assert_eq!(cause(&error), Some(&FetchError::NoRuntime));
+        assert_eq!(calls.load(Ordering::SeqCst), 0);
+    }
+
+    #[test]
+    fn a_fetch_whose_runtime_shut_down_fails_its_waiters_with_a_typed_cause() {
+        let source = TestSource::gated();
+        let (service, _) = inner::<String, _>(|_| StatusCode::OK);
+        let mut client = BlazeAuth::new(service, source, "S");
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        // The fetch starts on `runtime`, and waits at the gate when the runtime goes.
+        runtime.block_on(client.ready()).unwrap();
+        let waiting = {
+            let _runtime = runtime.enter();
+            client.call(get())
+        };
+        drop(runtime);
+        let error = futures_util::FutureExt::now_or_never(waiting)
+            .expect("the cancelled fetch is ready")
+            .unwrap_err();
+        assert!(error.is_token());
+        assert_eq!(cause(&error), Some(&FetchError::Cancelled));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn token_is_refreshed_ahead_of_expiry_without_making_requests_wait() {
+        let source = TestSource::expiring(Duration::from_secs(3600));
+        let (service, _) = inner::<String, _>(|_| StatusCode::OK);
+        let client = BlazeAuth::new(service, source.clone(), "S");
+        let body = |client: &BlazeAuth<_>| {
+            let client = client.clone();
+            async move { client.oneshot(get()).await.unwrap().into_body() }
+        };
+        assert_eq!(body(&client).await, "token-1");
+        tokio::time::advance(Duration::from_secs(3600 - 61)).await;
+        assert_eq!(body(&client).await, "token-1");
+        assert_eq!(source.fetches(), 1, "before the margin, no refresh");
+
+        tokio::time::advance(Duration::from_secs(2)).await;
+        // Inside the margin: the cached token is still used, a fetch starts behind it.
+        assert_eq!(body(&client).await, "token-1");
+        tokio::task::yield_now().await;
+        assert_eq!(source.fetches(), 2);
+        assert_eq!(body(&client).await, "token-2");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn margin_of_zero_refreshes_at_expiry_and_not_before() {
+        let source = TestSource::expiring(Duration::from_secs(10));
+        let (service, _) = inner::<String, _>(|_| StatusCode::OK);
+        let layer = BlazeAuthLayer::builder(source.clone())
+            .study("S")
+            .refresh_margin(Duration::ZERO)
+            .build()
+            .unwrap();
+        let client = layer.layer(service);
+        client.clone().oneshot(get()).await.unwrap();
+        tokio::time::advance(Duration::from_millis(9_999)).await;
+        assert_eq!(
+            client.clone().oneshot(get()).await.unwrap().body(),
+            "token-1"
+        );
+        tokio::task::yield_now().await;
+        assert_eq!(source.fetches(), 1);
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert_eq!(client.oneshot(get()).await.unwrap().body(), "token-2");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn margin_is_capped_at_half_the_lifetime() {
+        // A 5 s token with the default 60 s margin is refreshed after 2.5 s, not at once.
+        let source = TestSource::expiring(Duration::from_secs(5));
+        let (service, _) = inner::<String, _>(|_| StatusCode::OK);
+        let client = BlazeAuth::new(service, source.clone(), "S");
+        for _ in 0..10 {
+            client.clone().oneshot(get()).await.unwrap();
+            tokio::time::advance(Duration::from_millis(200)).await;
+        }
+        assert_eq!(source.fetches(), 1);
+        tokio::time::advance(Duration::from_millis(600)).await;
+        client.clone().oneshot(get()).await.unwrap();
+        tokio::task::yield_now().await;
+        assert_eq!(source.fetches(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ten_thousand_401s_cause_a_handful_of_fetches() {
+        // A 401 no token can fix (Blaze says 401 to a wrong x-partnerid too).
+        let source = TestSource::new();
+        let (service, calls) = inner::<String, _>(|_| StatusCode::UNAUTHORIZED);
+        let client = BlazeAuth::new(service, source.clone(), "S");
+        let first = client.clone().oneshot(get()).await.unwrap();
+        assert_eq!(first.status(), StatusCode::UNAUTHORIZED);
+        let tasks: Vec<_> = (0..10_000)
+            .map(|_| tokio::spawn(client.clone().oneshot(get())))
+            .collect();
+        for task in tasks {
+            assert_eq!(
+                task.await.unwrap().unwrap().status(),
+                StatusCode::UNAUTHORIZED
+            );
+        }
+        assert_eq!(source.fetches(), 2, "the first token and one refresh");
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            10_002,
+            "one retry, for the first request"
+        );
+        let metrics = client.metrics();
+        assert_eq!((metrics.token_fetches, metrics.retries), (2, 1));
+        assert_eq!(metrics.refreshes_skipped, 10_000);
+
+        // After the window, a 401 may be fixable again: one more refresh and retry.
+        tokio::time::advance(DEFAULT_STORM_WINDOW).await;
+        client.clone().oneshot(get()).await.unwrap();
+        client.oneshot(get()).await.unwrap();
+        assert_eq!(source.fetches(), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_token_that_worked_is_refreshed_when_it_is_revoked_too() {
+        // Revocations in quick succession are not a storm: each new token was accepted
+        // before the server revoked it.
+        let valid = Arc::new(AtomicUsize::new(1));
+        let current = Arc::clone(&valid);
+        let (service, _) = inner::<String, _>(move |token| {
+            if token == format!("token-{}", current.load(Ordering::SeqCst)) {
+                StatusCode::OK
+            } else {
+                StatusCode::UNAUTHORIZED
+            }
+        });
+        let source = TestSource::new();
+        let client = BlazeAuth::new(service, source.clone(), "S");
+        for generation in 1..=5 {
+            valid.store(generation, Ordering::SeqCst);
+            let response = client.clone().oneshot(get()).await.unwrap();
+            assert_eq!(response.status(), StatusCode::OK, "generation {generation}");
+        }
+        assert_eq!(source.fetches(), 5);
+        assert_eq!(client.metrics().refreshes_skipped, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_storm_window_of_zero_refreshes_on_every_first_401() {
+        let layer = BlazeAuthLayer::builder(TestSource::new())
+            .study("S")
+            .storm_window(Duration::ZERO)
+            .build()
+            .unwrap();
+        let (service, calls) = inner::<String, _>(|_| StatusCode::UNAUTHORIZED);
+        let client = layer.layer(service);
+        for _ in 0..3 {
+            client.clone().oneshot(get()).await.unwrap();
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 6);
+        assert_eq!(client.metrics().token_fetches, 4);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hanging_source_fails_its_waiters_at_the_fetch_timeout() {
+        let source = crate::token_fn(|_| std::future::pending::<Result<AccessToken, Error>>());
+        let layer = BlazeAuthLayer::builder(source)
+            .study("S")
+            .fetch_timeout(Duration::from_secs(5))
+            .build()
+            .unwrap();
+        let (service, calls) = inner::<String, _>(|_| StatusCode::OK);
+        let client = layer.layer(service);
+        let started = tokio::time::Instant::now();
+        let waiters: Vec<_> = (0..3)
+            .map(|_| tokio::spawn(client.clone().oneshot(get())))
+            .collect();
+        for waiter in waiters {
+            let error = waiter.await.unwrap().unwrap_err();
+            assert!(error.is_token() && error.is_timeout(), "{error:?}");
+            assert_eq!(cause(&error), Some(&FetchError::TimedOut));
+            assert_eq!(error.source().unwrap().to_string(), "token fetch timed out");
+        }
+        assert_eq!(started.elapsed(), Duration::from_secs(5));
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            0,
+            "fail closed: nothing sent without a token"
+        );
+        assert_eq!(client.metrics().fetch_failures, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn refresh_jitter_adds_to_the_margin_within_its_bound() {
+        for _ in 0..20 {
+            let source = TestSource::expiring(Duration::from_secs(3600));
+            let layer = BlazeAuthLayer::builder(source.clone())
+                .study("S")
+                .refresh_jitter(Duration::from_secs(10))
+                .build()
+                .unwrap();
+            let (service, _) = inner::<String, _>(|_| StatusCode::OK);
+            let client = layer.layer(service);
+            client.clone().oneshot(get()).await.unwrap();
+            tokio::time::advance(Duration::from_secs(3600 - 70) - Duration::from_millis(1)).await;
+            client.clone().oneshot(get()).await.unwrap();
+            tokio::task::yield_now().await;
+            assert_eq!(source.fetches(), 1, "not before margin + jitter");
+            tokio::time::advance(Duration::from_secs(10)).await;
+            client.clone().oneshot(get()).await.unwrap();
+            tokio::task::yield_now().await;
+            assert_eq!(source.fetches(), 2, "by the margin at the latest");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn metrics_report_the_token_age_and_lifetime() {
+        let source = TestSource::expiring(Duration::from_secs(3600));
+        let (service, _) = inner::<String, _>(reject_first_token);
+        let client = BlazeAuth::new(service, source, "S");
+        assert_eq!(client.metrics(), crate::Metrics::default());
+        client.clone().oneshot(get()).await.unwrap();
+        tokio::time::advance(Duration::from_secs(10)).await;
+        let metrics = client.metrics();
+        assert_eq!(
+            (
+                metrics.token_fetches,
+                metrics.retries,
+                metrics.fetch_failures
+            ),
+            (2, 1, 0)
+        );
+        assert_eq!(metrics.token_age, Some(Duration::from_secs(10)));
+        assert_eq!(metrics.token_lifetime, Some(Duration::from_secs(3600)));
+    }
 
     /// Everything logged at WARN on this thread while the guard lives.
     #[derive(Clone, Default)]
@@ -528,16 +1065,15 @@ mod tests {
         let source = TestSource::expiring(Duration::ZERO);
         let (service, calls) = inner::<String, _>(|_| StatusCode::OK);
         let client = BlazeAuth::new(service, source.clone(), "S");
-        let get = || Request::get("/Patient").body(String::new()).unwrap();
         for _ in 0..10 {
             let response = client.clone().oneshot(get()).await.unwrap();
             assert_eq!(response.body(), "token-1");
         }
         assert_eq!(source.fetches(), 1, "not a fetch per request");
-        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 10);
+        assert_eq!(calls.load(Ordering::SeqCst), 10);
 
         // After the cool-down (1 s by default), one more fetch for the next 10.
-        tokio::time::advance(crate::DEFAULT_FETCH_COOLDOWN).await;
+        tokio::time::advance(DEFAULT_FETCH_COOLDOWN).await;
         for _ in 0..10 {
             client.clone().oneshot(get()).await.unwrap();
         }
@@ -549,5 +1085,10 @@ mod tests {
             1,
             "{logged}"
         );
+    }
+
+    /// The cache's own cause of a fetch failure, if it is one.
+    fn cause(error: &Error) -> Option<&FetchError> {
+        error.source()?.downcast_ref()
     }
 }

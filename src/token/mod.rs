@@ -158,7 +158,8 @@ impl AccessToken {
     }
 
     /// Whether `a` and `b` are clones of one token: a pointer comparison.
-    pub fn ptr_eq(a: &Self, b: &Self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn ptr_eq(a: &Self, b: &Self) -> bool {
         Arc::ptr_eq(&a.inner, &b.inner)
     }
 
@@ -366,13 +367,13 @@ mod tests {
     fn bytes_illegal_in_a_header_are_rejected() {
         for secret in ["", "a\r\nb", "a b", "a\0", "tok\u{e9}n", "a\x7f"] {
             assert!(
-                AccessToken::bearer(secret).unwrap_err().is_invalid_token(),
+                AccessToken::bearer(secret).unwrap_err().is_config(),
                 "{secret:?}"
             );
         }
         for token_type in ["", "Bea rer", "Bearer\n", "B\u{e9}arer"] {
             let error = AccessToken::new(token_type, "abc").unwrap_err();
-            assert!(error.is_invalid_token(), "{token_type:?}");
+            assert!(error.is_config(), "{token_type:?}");
         }
     }
 

@@ -112,26 +112,34 @@ pub struct RedisServer {
 
 impl RedisServer {
     pub fn start() -> Self {
-        Self::start_on(free_port())
+        Self::start_with(free_port, Vec::new())
     }
 
-    pub fn start_on(port: u16) -> Self {
-        Self::start_with(port, Vec::new())
-    }
-
-    /// A server on `port` with more `args`.
-    pub fn start_with(port: u16, args: Vec<String>) -> Self {
+    /// A server on a port from `free_port` with more `args`. A free port may be taken
+    /// (another test's server, a client's ephemeral port) before the server binds it: then
+    /// the server exits, and another port is tried.
+    pub fn start_with(free_port: fn() -> u16, args: Vec<String>) -> Self {
         let mut server = Self {
-            port,
+            port: 0,
             args,
             child: None,
         };
-        server.restart();
-        server
+        for _ in 0..10 {
+            server.port = free_port();
+            match server.try_start() {
+                Ok(()) => return server,
+                Err(error) => eprintln!("{error}; trying another port"),
+            }
+        }
+        panic!("redis-server could not start on any of 10 free ports");
     }
 
     /// Starts the server again (after [`stop`](Self::stop)), on its port, with its args.
     pub fn restart(&mut self) {
+        self.try_start().unwrap_or_else(|error| panic!("{error}"));
+    }
+
+    fn try_start(&mut self) -> Result<(), String> {
         let port = self.port;
         let child = Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
@@ -146,35 +154,47 @@ impl RedisServer {
                      install it (Debian: apt-get install redis-server) or run .ci/run"
                 )
             });
+        let pid = child.id();
         self.child = Some(child);
         for _ in 0..500 {
-            // A server that exited could not have the port: another answers there.
-            let exited = self.child.as_mut().unwrap().try_wait().unwrap();
-            assert!(
-                exited.is_none(),
-                "redis-server on port {port} exited: {exited:?}"
-            );
-            if self.ping() {
-                return;
+            // A server that exited could not have the port: another may answer there.
+            if let Some(exited) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                self.child = None;
+                return Err(format!("redis-server on port {port} exited: {exited}"));
+            }
+            if self.process_id() == Some(pid) {
+                return Ok(());
             }
             std::thread::sleep(Duration::from_millis(10));
         }
-        panic!("redis-server on port {port} did not answer PING within 5 s");
+        self.stop();
+        Err(format!(
+            "redis-server on port {port} did not answer within 5 s"
+        ))
     }
 
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/", self.port)
     }
 
-    pub fn ping(&self) -> bool {
-        let Ok(mut stream) = TcpStream::connect((Ipv4Addr::LOCALHOST, self.port)) else {
-            return false;
-        };
-        let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
-        let mut answer = [0; 7];
-        stream.write_all(b"PING\r\n").is_ok()
-            && stream.read_exact(&mut answer).is_ok()
-            && &answer == b"+PONG\r\n"
+    /// The process id of the server answering on the port, if one does: ours, or another
+    /// that took the port first.
+    fn process_id(&self) -> Option<u32> {
+        let mut stream = TcpStream::connect((Ipv4Addr::LOCALHOST, self.port)).ok()?;
+        stream.set_read_timeout(Some(Duration::from_secs(1))).ok()?;
+        stream.write_all(b"INFO server\r\n").ok()?;
+        let mut answer = Vec::new();
+        let mut chunk = [0; 4096];
+        loop {
+            let read = stream.read(&mut chunk).ok().filter(|&n| n > 0)?;
+            answer.extend_from_slice(&chunk[..read]);
+            let text = String::from_utf8_lossy(&answer);
+            if let Some(line) = text.split("\r\n").find(|l| l.starts_with("process_id:")) {
+                if text.contains(&format!("{line}\r\n")) {
+                    return line["process_id:".len()..].parse().ok();
+                }
+            }
+        }
     }
 
     pub fn stop(&mut self) {
@@ -253,25 +273,31 @@ pub struct RedisCluster {
 
 impl RedisCluster {
     pub fn start() -> Self {
-        let ports: Vec<u16> = (0..3).map(|_| free_cluster_port()).collect();
-        let dir = std::env::temp_dir().join(format!("blaze-auth-cluster-{}", ports[0]));
+        let dir = std::env::temp_dir().join(format!(
+            "blaze-auth-cluster-{}-{}",
+            std::process::id(),
+            free_port()
+        ));
         std::fs::create_dir_all(&dir).unwrap();
-        let nodes = ports
-            .iter()
-            .map(|&port| {
+        let nodes: Vec<RedisServer> = (0..3)
+            .map(|node| {
                 let args = [
                     "--cluster-enabled",
                     "yes",
                     "--cluster-config-file",
-                    &format!("nodes-{port}.conf"),
+                    &format!("nodes-{node}.conf"),
                     "--cluster-node-timeout",
                     "1000",
                     "--dir",
                     dir.to_str().unwrap(),
                 ];
-                RedisServer::start_with(port, args.iter().map(|a| (*a).to_owned()).collect())
+                RedisServer::start_with(
+                    free_cluster_port,
+                    args.iter().map(|a| (*a).to_owned()).collect(),
+                )
             })
             .collect();
+        let ports: Vec<u16> = nodes.iter().map(|node| node.port).collect();
         let cluster = Self {
             nodes,
             dir,

@@ -1,7 +1,9 @@
 //! [`BlazeEnv`]: a Blaze client configured from `BLAZE_*` environment variables.
 
 use super::{ClientCredentials, ClientCredentialsBuilder, ClientSecret};
-use crate::{blaze, error::Error, layer::Builder, token::TokenSource};
+use crate::{
+    blaze, error::Error, layer::BlazeAuthLayerBuilder, scope::without_user_info, token::TokenSource,
+};
 use std::{env::VarError, fmt};
 
 /// The settings of a Blaze client, as read from the environment by [`from_env`](Self::from_env).
@@ -55,7 +57,7 @@ impl BlazeEnv {
     /// # Errors
     ///
     /// When some are set but a required one is missing or empty, or one is not valid
-    /// unicode: the error names that variable ([`Error::is_env`]).
+    /// unicode: the error names that variable ([`Error::is_config`]).
     pub fn from_env() -> Result<Option<Self>, Error> {
         Self::from_lookup(std::env::var)
     }
@@ -123,9 +125,9 @@ impl BlazeEnv {
 
     /// A layer builder with the study, credentials for `BLAZE_BASE_URL`'s origin only, and
     /// the partner id if set. A plain `http` `BLAZE_BASE_URL` on a host that is not loopback
-    /// makes its [`build`](Builder::build) fail unless
-    /// [`allow_http`](Builder::allow_http) is set on it.
-    pub fn layer(&self, source: impl TokenSource + 'static) -> Builder {
+    /// makes its [`build`](BlazeAuthLayerBuilder::build) fail unless
+    /// [`allow_http`](BlazeAuthLayerBuilder::allow_http) is set on it.
+    pub fn layer(&self, source: impl TokenSource + 'static) -> BlazeAuthLayerBuilder {
         let builder = crate::BlazeAuthLayer::builder(source)
             .study(&self.research_study)
             .origin(&self.base_url);
@@ -178,18 +180,6 @@ impl fmt::Debug for BlazeEnv {
                 &self.partner_id.as_ref().map(|_| "[redacted]"),
             )
             .finish()
-    }
-}
-
-/// `url` with the user info of its authority, if any, replaced by `[redacted]`.
-fn without_user_info(url: &str) -> std::borrow::Cow<'_, str> {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.into();
-    };
-    let (authority, tail) = rest.split_at(rest.find(['/', '?', '#']).unwrap_or(rest.len()));
-    match authority.rsplit_once('@') {
-        Some((_, host)) => format!("{scheme}://[redacted]@{host}{tail}").into(),
-        None => url.into(),
     }
 }
 
@@ -264,7 +254,7 @@ mod tests {
                 .filter(|(k, _)| *k != missing)
                 .collect();
             let error = read(&vars).unwrap_err();
-            assert!(error.is_env());
+            assert!(error.is_config());
             assert_eq!(
                 error.to_string(),
                 format!("environment variable {missing} is not set")

@@ -316,7 +316,7 @@ impl Inner {
             return None;
         }
         let (first, max) = self.backoff;
-        let exponential = first.saturating_mul(1 << (attempt - 1).min(16)).min(max);
+        let exponential = crate::backoff::exponential(first, attempt, max);
         // "Equal jitter": half fixed, half random, so clients that failed together spread out.
         let half = exponential / 2;
         let jittered = half + half.mul_f64(fastrand::f64());
@@ -386,14 +386,12 @@ async fn read_capped(
 
 const USER_AGENT_VALUE: &str = concat!("blaze-auth/", env!("CARGO_PKG_VERSION"));
 
+// The defaults, stated in the docs of the builder methods that change them.
 /// Lifetime of a token whose response has no `expires_in`: Blaze's.
-pub const DEFAULT_LIFETIME: Duration = Duration::from_secs(3600);
-/// Default for [`ClientCredentialsBuilder::connect_timeout`].
-pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Default for [`ClientCredentialsBuilder::request_timeout`].
-pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-/// Default for [`ClientCredentialsBuilder::max_attempts`].
-pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
+const DEFAULT_LIFETIME: Duration = Duration::from_secs(3600);
+const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+const DEFAULT_MAX_ATTEMPTS: u32 = 3;
 const DEFAULT_BACKOFF: Duration = Duration::from_millis(250);
 const DEFAULT_MAX_BACKOFF: Duration = Duration::from_secs(4);
 
@@ -434,7 +432,7 @@ impl ClientCredentialsBuilder {
     /// Adds a form parameter to every token request, e.g. `audience`. Default: none.
     ///
     /// The parameters the client sets itself are refused by [`build`](Self::build)
-    /// ([`Error::is_reserved_param`]), in any case, rather than sent twice (RFC 6749 section
+    /// ([`Error::is_config`]), in any case, rather than sent twice (RFC 6749 section
     /// 3.1 forbids it) or silently replaced: `grant_type` (always `client_credentials`),
     /// `scope` (use [`scope`](Self::scope)), `client_id` and `client_secret` (given to the
     /// constructor; [`auth`](Self::auth) says where they go).
@@ -453,29 +451,27 @@ impl ClientCredentialsBuilder {
 
     /// Sets the lifetime of a token whose response has no `expires_in`, or one of 0 or less
     /// (which says nothing usable: taken at its word, such a token would be fetched again
-    /// for every request). Default: [`DEFAULT_LIFETIME`], one hour, as Blaze's tokens live.
+    /// for every request). Default: one hour, as Blaze's tokens live.
     pub fn default_lifetime(mut self, lifetime: Duration) -> Self {
         self.default_lifetime = lifetime;
         self
     }
 
     /// Sets the timeout for opening a connection (TCP and TLS) of the built-in client.
-    /// Default: [`DEFAULT_CONNECT_TIMEOUT`], 5 s. A client given to
+    /// Default: 5 s. A client given to
     /// [`http_client`](Self::http_client) keeps its own.
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = timeout;
         self
     }
 
-    /// Sets the timeout of one token request, connection and body included. Default:
-    /// [`DEFAULT_REQUEST_TIMEOUT`], 10 s.
+    /// Sets the timeout of one token request, connection and body included. Default: 10 s.
     pub fn request_timeout(mut self, timeout: Duration) -> Self {
         self.request_timeout = timeout;
         self
     }
 
-    /// Sets how many requests one fetch may make, the first included. Default:
-    /// [`DEFAULT_MAX_ATTEMPTS`], 3.
+    /// Sets how many requests one fetch may make, the first included. Default: 3.
     ///
     /// Between attempts it waits 250 ms, then 500 ms, doubling up to 4 s, each with
     /// jitter (half fixed, half random), or as long as `Retry-After` asks if that is longer;
@@ -518,12 +514,10 @@ impl ClientCredentialsBuilder {
     ///
     /// # Errors
     ///
-    /// If the token URL is not an absolute `http(s)` URL or carries user info
-    /// ([`Error::is_invalid_url`]), is plain `http` to a host that is not loopback
-    /// ([`Error::is_insecure_url`]), if a [`param`](Self::param) is one the client sets
-    /// itself ([`Error::is_reserved_param`]), if TLS cannot be set up ([`Error::is_tls`]),
-    /// or if no HTTP client was given and the `rustls` feature is off
-    /// ([`Error::is_no_http_client`]).
+    /// [`Error::is_config`]: if the token URL is not an absolute `http(s)` URL or carries user
+    /// info, is plain `http` to a host that is not loopback, if a [`param`](Self::param) is one
+    /// the client sets itself, if TLS cannot be set up, or if no HTTP client was given and the
+    /// `rustls` feature is off.
     pub fn build(self) -> Result<ClientCredentials, Error> {
         let token_url = checked_url(&self.token_url, self.allow_http)?;
         for (name, _) in &self.params {
@@ -672,9 +666,11 @@ mod tests {
             "http://10.0.0.1/token",
             "http://localhost.evil.com/t",
         ] {
-            assert!(
-                checked_url(insecure, false).unwrap_err().is_insecure_url(),
-                "{insecure}"
+            let error = checked_url(insecure, false).unwrap_err();
+            assert!(error.is_config(), "{insecure}");
+            assert_eq!(
+                error.to_string(),
+                "plain http is allowed for loopback hosts only"
             );
             assert!(checked_url(insecure, true).is_ok());
         }
@@ -685,10 +681,9 @@ mod tests {
             "https://user:pass@h/token",
             "",
         ] {
-            assert!(
-                checked_url(invalid, true).unwrap_err().is_invalid_url(),
-                "{invalid}"
-            );
+            let error = checked_url(invalid, true).unwrap_err();
+            assert!(error.is_config(), "{invalid}");
+            assert_eq!(error.to_string(), "invalid URL", "{invalid}");
         }
     }
 
@@ -728,7 +723,7 @@ mod tests {
                 .param(name, "x")
                 .build()
                 .unwrap_err();
-            assert!(error.is_reserved_param(), "{name}: {error:?}");
+            assert!(error.is_config(), "{name}: {error:?}");
             assert!(
                 error.to_string().contains(&name.to_ascii_lowercase()),
                 "{error}"

@@ -47,7 +47,7 @@ impl<S: TokenSource> RedisShared<S> {
             op_timeout: DEFAULT_OP_TIMEOUT,
             poll_interval: DEFAULT_POLL_INTERVAL,
             failure_cooldown: DEFAULT_FAILURE_COOLDOWN,
-            refresh_margin: crate::DEFAULT_REFRESH_MARGIN,
+            refresh_margin: crate::layer::DEFAULT_REFRESH_MARGIN,
             encryption_key: None,
             previous_keys: Vec::new(),
             require_encryption: false,
@@ -156,7 +156,7 @@ impl<S> RedisSharedBuilder<S> {
     /// again: for an endpoint that is down, the fleet's token requests follow one schedule,
     /// not one per process. The cool-down doubles with each failure in a row, up to 30 s (or
     /// this, if longer), as the layer's own does. A stored token ends it. Default: 1 s, the
-    /// layer's [`fetch_cooldown`](crate::Builder::fetch_cooldown).
+    /// layer's [`fetch_cooldown`](crate::BlazeAuthLayerBuilder::fetch_cooldown).
     pub fn failure_cooldown(mut self, cooldown: Duration) -> Self {
         self.failure_cooldown = cooldown;
         self
@@ -165,7 +165,7 @@ impl<S> RedisSharedBuilder<S> {
     /// Sets how close to its expiry a token in Redis counts as absent, so that the next
     /// process to ask fetches a new one; capped at half the token's lifetime, as the
     /// layer's refresh margin is. Set it to the layer's
-    /// [`refresh_margin`](crate::Builder::refresh_margin): the layer then finds a fresh
+    /// [`refresh_margin`](crate::BlazeAuthLayerBuilder::refresh_margin): the layer then finds a fresh
     /// token in Redis when it refreshes. Default: 60 s, the layer's
     /// default.
     pub fn refresh_margin(mut self, margin: Duration) -> Self {
@@ -206,10 +206,10 @@ impl<S> RedisSharedBuilder<S> {
     ///
     /// # Errors
     ///
-    /// If the Redis URL, or a cluster URL, is not valid ([`Error::is_invalid_url`]); the
+    /// If the Redis URL, or a cluster URL, is not valid ([`Error::is_config`]); the
     /// error does not repeat it, since it may hold a password. If encryption is
     /// [required](Self::require_encryption), or previous keys are given, and no
-    /// [`encryption_key`](Self::encryption_key) is ([`Error::is_invalid_key`]).
+    /// [`encryption_key`](Self::encryption_key) is ([`Error::is_config`]).
     pub fn build(self) -> Result<RedisShared<S>, Error> {
         let needs_key = self.require_encryption || !self.previous_keys.is_empty();
         if needs_key && self.encryption_key.is_none() {
@@ -273,7 +273,7 @@ mod tests {
             .redis_url("http://user:hunter2@h/")
             .build()
             .unwrap_err();
-        assert!(error.is_invalid_url());
+        assert!(error.is_config());
         assert!(!format!("{error:?}").contains("hunter2"));
     }
 

@@ -19,6 +19,15 @@ use tokio::time::Instant;
 /// hour; a value that claims more was not stored by this crate.
 pub(super) const MAX_SHARED_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 
+/// The longest token shared, as long as the longest token response `ClientCredentials` reads:
+/// a longer token read from Redis was not stored by this crate, and a longer token fetched is
+/// not stored.
+const MAX_TOKEN_LEN: usize = 64 * 1024;
+
+/// The longest value read from Redis: a sealed token of [`MAX_TOKEN_LEN`] in base64, with room
+/// for the rest. Longer values are not decoded (nor decrypted, nor parsed).
+const MAX_VALUE_LEN: usize = 2 * MAX_TOKEN_LEN;
+
 /// A token as Redis keeps it.
 #[derive(Serialize, Deserialize)]
 pub(super) struct Stored {
@@ -33,11 +42,13 @@ pub(super) struct Stored {
 }
 
 impl Stored {
-    /// The token, if it is one this process's source would give (a `Bearer` token that
-    /// expires within [`MAX_SHARED_LIFETIME`]) and not within `margin` (at most half its
-    /// lifetime) of its expiry.
+    /// The token, if it is one this process's source would give (a `Bearer` token of at most
+    /// [`MAX_TOKEN_LEN`] bytes that expires within [`MAX_SHARED_LIFETIME`]) and not within
+    /// `margin` (at most half its lifetime) of its expiry.
     pub(super) fn into_token(self, now_ms: u64, margin: Duration) -> Option<AccessToken> {
-        if !self.token_type.eq_ignore_ascii_case("bearer") {
+        if !self.token_type.eq_ignore_ascii_case("bearer")
+            || self.access_token.len() > MAX_TOKEN_LEN
+        {
             return None;
         }
         let left = self.expires_at_ms.checked_sub(now_ms)?;
@@ -72,7 +83,7 @@ impl fmt::Debug for Stored {
 /// The time a token may be kept in Redis until: its expiry in Unix milliseconds, if it is one
 /// that every process accepts when it reads it back (see [`Stored::into_token`]).
 pub(super) fn shareable_until(token: &AccessToken, now_ms: u64) -> Option<u64> {
-    if token.token_type() != "Bearer" {
+    if token.token_type() != "Bearer" || token.secret().len() > MAX_TOKEN_LEN {
         return None;
     }
     let left = token
@@ -124,8 +135,12 @@ impl Codec<'_> {
 
     /// The fingerprint and the token of a stored value, if this process can read it: a
     /// process with keys reads only values sealed with one of them, one without only clear
-    /// values.
-    pub(super) fn decode(self, value: &str) -> Option<(&str, Stored)> {
+    /// values. Any bytes may be in Redis: what is not such a value is `None`.
+    pub(super) fn decode(self, value: &[u8]) -> Option<(&str, Stored)> {
+        if value.len() > MAX_VALUE_LEN {
+            return None;
+        }
+        let value = std::str::from_utf8(value).ok()?;
         let (fp, rest) = value.split_once(':')?;
         let (format, payload) = rest.split_once(':')?;
         let json = match (format, self.keys.current()) {
@@ -204,12 +219,12 @@ mod tests {
             aad: "k",
         };
         let read = |value: &str, at: u64| {
-            let (_, stored) = codec.decode(value).unwrap();
+            let (_, stored) = codec.decode(value.as_bytes()).unwrap();
             stored.into_token(at, Duration::from_secs(60))
         };
         let value = codec.encode(&token, now, now + HOUR);
         assert!(value.starts_with(&format!("{}:json:", fingerprint(&token))));
-        let (fp, stored) = codec.decode(&value).unwrap();
+        let (fp, stored) = codec.decode(value.as_bytes()).unwrap();
         assert_eq!(fp, fingerprint(&token));
         assert!(!format!("{stored:?}").contains("s3cr3t"));
 
@@ -235,7 +250,7 @@ mod tests {
         let planted = |json: serde_json::Value| {
             let value = format!("{}:json:{json}", "0".repeat(32));
             codec
-                .decode(&value)
+                .decode(value.as_bytes())
                 .and_then(|(_, stored)| stored.into_token(now, Duration::from_secs(60)))
         };
         let good = serde_json::json!({"token_type": "bearer", "access_token": "t",
@@ -249,9 +264,18 @@ mod tests {
         for_a_year["expires_at_ms"] = (now + 365 * 24 * HOUR).into();
         let mut expired = good.clone();
         expired["expires_at_ms"] = (now - 1).into();
-        let mut header_breaking = good;
+        let mut header_breaking = good.clone();
         header_breaking["access_token"] = "t\r\nX-Evil: 1".into();
-        for bad in [basic, no_expiry, for_a_year, expired, header_breaking] {
+        let mut bad = vec![basic, no_expiry, for_a_year, expired, header_breaking];
+        for token_type in [" Bearer", "Bearer ", "Bearer\t", "Bearer\0", "Bearer x", ""] {
+            let mut padded = good.clone();
+            padded["token_type"] = token_type.into();
+            bad.push(padded);
+        }
+        let mut negative = good;
+        negative["expires_at_ms"] = (-1).into();
+        bad.push(negative);
+        for bad in bad {
             assert!(planted(bad.clone()).is_none(), "{bad}");
         }
     }
@@ -292,7 +316,7 @@ mod tests {
             codec.encode(&token, 1, HOUR),
             "a fresh nonce each time"
         );
-        let (_, stored) = codec.decode(&value).unwrap();
+        let (_, stored) = codec.decode(value.as_bytes()).unwrap();
         assert_eq!(stored.access_token, "s3cr3t-token");
 
         let clear_keys = clear();
@@ -310,15 +334,19 @@ mod tests {
             ..codec
         };
         for codec_that_cannot_read in [clear, wrong_key, moved] {
-            assert!(codec_that_cannot_read.decode(&value).is_none());
+            assert!(codec_that_cannot_read.decode(value.as_bytes()).is_none());
         }
         // A process with a key reads no token stored in clear.
-        assert!(codec.decode(&clear.encode(&token, 1, HOUR)).is_none());
+        assert!(
+            codec
+                .decode(clear.encode(&token, 1, HOUR).as_bytes())
+                .is_none()
+        );
         // The fingerprint and the key id are bound too.
         let forged = format!("{}{}", "0".repeat(32), &value[32..]);
-        assert!(codec.decode(&forged).is_none());
+        assert!(codec.decode(forged.as_bytes()).is_none());
         let relabelled = value.replace(&key.id(), &EncryptionKey::generate().id());
-        assert!(codec.decode(&relabelled).is_none());
+        assert!(codec.decode(relabelled.as_bytes()).is_none());
     }
 
     #[test]
@@ -337,12 +365,12 @@ mod tests {
         let token = AccessToken::bearer("t").unwrap();
         let sealed_before = before.encode(&token, 1, HOUR);
         assert!(
-            after.decode(&sealed_before).is_some(),
+            after.decode(sealed_before.as_bytes()).is_some(),
             "old values stay readable"
         );
         let sealed_after = after.encode(&token, 1, HOUR);
         assert!(sealed_after.contains(&format!(":xc20p:{}:", new.id())));
-        assert!(before.decode(&sealed_after).is_none());
+        assert!(before.decode(sealed_after.as_bytes()).is_none());
     }
 
     #[test]
@@ -360,8 +388,30 @@ mod tests {
             "fp:json:{\"token_type\":\"Bearer\"}",
             "fp:xc20p:zz:AAAA",
         ] {
-            assert!(codec.decode(value).is_none(), "{value}");
+            assert!(codec.decode(value.as_bytes()).is_none(), "{value}");
         }
+        assert!(codec.decode(b"fp:json:\xff\xfe").is_none(), "not UTF-8");
+        let token = AccessToken::bearer("t").unwrap();
+        let padded = format!(
+            "{}{}",
+            codec.encode(&token, 0, HOUR),
+            " ".repeat(MAX_VALUE_LEN)
+        );
+        assert!(
+            codec.decode(padded.as_bytes()).is_none(),
+            "too long to decode"
+        );
+        let long = AccessToken::bearer(&"t".repeat(MAX_TOKEN_LEN + 1)).unwrap();
+        let value = codec.encode(&long, 0, HOUR);
+        let (_, stored) = codec.decode(value.as_bytes()).unwrap();
+        assert!(
+            stored.into_token(0, Duration::ZERO).is_none(),
+            "longer than a token"
+        );
+        assert_eq!(
+            shareable_until(&long.with_expires_in(Duration::from_secs(60)), 0),
+            None
+        );
     }
 
     #[test]

@@ -38,7 +38,7 @@ impl EncryptionKey {
     ///
     /// # Errors
     ///
-    /// If `encoded` is not base64 of exactly 32 bytes ([`Error::is_invalid_key`]).
+    /// If `encoded` is not base64 of exactly 32 bytes ([`Error::is_config`]).
     pub fn from_base64(encoded: &str) -> Result<Self, Error> {
         let bytes = BASE64
             .decode(encoded.trim())
@@ -134,7 +134,7 @@ mod tests {
         let long = BASE64.encode([7u8; 33]);
         for bad in ["", "not base64!", &short, &long] {
             let error = EncryptionKey::from_base64(bad).unwrap_err();
-            assert!(error.is_invalid_key(), "{bad}");
+            assert!(error.is_config(), "{bad}");
         }
     }
 

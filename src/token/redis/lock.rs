@@ -217,7 +217,9 @@ impl<S: TokenSource> Shared<S> {
         con: &mut Connection,
         rejected_fp: Option<&str>,
     ) -> Result<Found, Failure> {
-        let (value, failures, failure_ttl): (Option<String>, Option<u64>, i64) = self
+        // Bytes, not typed values: what Redis holds is not trusted to parse, and a value that
+        // does not is ignored (and replaced), not an error that sends the fleet around Redis.
+        let (value, failures, failure_ttl): (Option<Vec<u8>>, Option<Vec<u8>>, i64) = self
             .op(redis::pipe()
                 .cmd("GET")
                 .arg(&self.token_key)
@@ -230,17 +232,30 @@ impl<S: TokenSource> Shared<S> {
         if let Some(token) = value.and_then(|value| self.accept(&value, rejected_fp)) {
             return Ok(Found::Token(token));
         }
-        // The failure's PTTL is the cool-down left plus the memory of the count.
-        match failures {
-            Some(in_a_row) if failure_ttl > millis(FAILURE_MEMORY) as i64 => {
-                Ok(Found::CoolingDown(in_a_row))
-            }
+        // The failure's PTTL is the cool-down left plus the memory of the count. A count that
+        // is not a number, or a cool-down longer than any this process records, was not
+        // written by a process of the fleet: ignored, so that a planted record cannot stop
+        // the fleet's fetches for longer than the longest cool-down.
+        let in_a_row =
+            failures.and_then(|count| std::str::from_utf8(&count).ok()?.parse::<u64>().ok());
+        let cooldown_left = u64::try_from(failure_ttl)
+            .ok()
+            .and_then(|ttl| ttl.checked_sub(millis(FAILURE_MEMORY)))
+            .filter(|&left| left > 0 && left <= millis(self.max_cooldown()));
+        match (in_a_row, cooldown_left) {
+            (Some(in_a_row), Some(_)) => Ok(Found::CoolingDown(in_a_row)),
             _ => Ok(Found::Nothing),
         }
     }
 
+    /// The longest cool-down this process records: [`MAX_COOLDOWN`], or the first one if it
+    /// is longer.
+    fn max_cooldown(&self) -> Duration {
+        MAX_COOLDOWN.max(self.failure_cooldown)
+    }
+
     /// The token in `value`, if this process can read it and would accept it.
-    fn accept(&self, value: &str, rejected_fp: Option<&str>) -> Option<AccessToken> {
+    fn accept(&self, value: &[u8], rejected_fp: Option<&str>) -> Option<AccessToken> {
         let Some((fp, stored)) = self.codec().decode(value) else {
             tracing::warn!(
                 sealed = self.keys.current().is_some(),
@@ -261,7 +276,7 @@ impl<S: TokenSource> Shared<S> {
         let mut invocation = FAIL.key(&self.failure_key);
         invocation
             .arg(millis(first))
-            .arg(millis(MAX_COOLDOWN.max(first)))
+            .arg(millis(self.max_cooldown()))
             .arg(millis(FAILURE_MEMORY));
         let in_a_row: u64 = self.op(invocation.invoke_async(con)).await?;
         tracing::debug!(in_a_row, "token fetch failure recorded in Redis");

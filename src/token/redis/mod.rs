@@ -113,6 +113,14 @@
 //! start-up error. Keys rotate without an outage:
 //! [`previous_encryption_key`](RedisSharedBuilder::previous_encryption_key).
 //!
+//! Sealing protects the token, not availability. Whatever bytes Redis holds are read as
+//! untrusted: a value that is not one this crate writes (not UTF-8, over 128 KiB, a token
+//! over 64 KiB, unparsable) is ignored and replaced, never an error. But the lock and the
+//! failure record are not sealed: a writer can hold the lock (each fetch then waits
+//! [`follower_wait`](RedisSharedBuilder::follower_wait) and fetches by itself), or plant a
+//! failure record, which stops the fleet's fetches for at most the longest cool-down (30 s,
+//! or a longer [`failure_cooldown`](RedisSharedBuilder::failure_cooldown)) per write.
+//!
 //! # Clocks
 //!
 //! Expiry is stored as wall-clock time, so the processes' clocks must roughly agree (NTP);
