@@ -352,7 +352,7 @@ impl BlazeAuthLayerBuilder {
     /// the requests that waited and those that gave up at the bound.
     ///
     /// Requests still fail at once with the error when waiting will not fix it:
-    /// - [`ClientCredentials`](crate::ClientCredentials) was refused by the token endpoint:
+    /// - [`ClientCredentials`] was refused by the token endpoint:
     ///   an OAuth error such as `invalid_client`, `invalid_scope` or `unauthorized_client`,
     ///   or a 4xx status other than 408 and 429;
     /// - a TLS failure, such as a certificate that is not trusted;
@@ -373,6 +373,15 @@ impl BlazeAuthLayerBuilder {
     /// rides out the attempts 1 and 3 s later; in a longer outage only the requests that
     /// arrive in the last 5 s of a cool-down wait for the attempt at its end, and the rest
     /// fail fast instead of being held.
+    ///
+    #[cfg_attr(
+        feature = "oauth2",
+        doc = "[`ClientCredentials`]: crate::ClientCredentials"
+    )]
+    #[cfg_attr(
+        not(feature = "oauth2"),
+        doc = "[`ClientCredentials`]: crate#feature-flags"
+    )]
     pub fn max_token_wait(mut self, wait: Duration) -> Self {
         self.cache.max_token_wait = wait;
         self
