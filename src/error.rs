@@ -126,9 +126,18 @@ impl Error {
     /// A timeout: the token fetch took longer than the layer's
     /// [`fetch_timeout`](crate::BlazeAuthLayerBuilder::fetch_timeout) ([`FetchError::TimedOut`]), or a
     /// cause of this error says it timed out (the token endpoint, with the `oauth2` feature:
-    /// [`TokenError::is_timeout`](crate::TokenError::is_timeout); the inner service: tower's
-    /// `Elapsed`, an I/O error of kind `TimedOut`). Check [`is_token`](Self::is_token) or
-    /// [`is_inner`](Self::is_inner) for which.
+    /// [`TokenError::is_timeout`]; the inner service: tower's `Elapsed`, an I/O error of kind
+    /// `TimedOut`). Check [`is_token`](Self::is_token) or [`is_inner`](Self::is_inner) for
+    /// which.
+    ///
+    #[cfg_attr(
+        feature = "oauth2",
+        doc = "[`TokenError::is_timeout`]: crate::TokenError::is_timeout"
+    )]
+    #[cfg_attr(
+        not(feature = "oauth2"),
+        doc = "[`TokenError::is_timeout`]: crate#feature-flags"
+    )]
     pub fn is_timeout(&self) -> bool {
         let mut cause = self.source();
         while let Some(error) = cause {
@@ -173,9 +182,18 @@ impl Error {
     /// header or an origin given to the layer, a URL (not absolute `http` or `https`, user
     /// info, plain `http` to a host that is not loopback), TLS that cannot be set up, no HTTP
     /// client for the token request with the `rustls` feature off, a Redis encryption key, a
-    /// form parameter that [`ClientCredentials`](crate::ClientCredentials) sets itself, a
+    /// form parameter that [`ClientCredentials`] sets itself, a
     /// `BLAZE_*` environment variable. The message says which, and names the variable or
     /// parameter, never the value.
+    ///
+    #[cfg_attr(
+        feature = "oauth2",
+        doc = "[`ClientCredentials`]: crate::ClientCredentials"
+    )]
+    #[cfg_attr(
+        not(feature = "oauth2"),
+        doc = "[`ClientCredentials`]: crate#feature-flags"
+    )]
     pub fn is_config(&self) -> bool {
         matches!(
             self.kind,

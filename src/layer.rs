@@ -89,6 +89,12 @@ impl BlazeAuthLayer {
 }
 
 impl<R> BlazeAuthLayer<R> {
+    /// The configuration and cache every service made from this layer shares.
+    #[cfg_attr(not(feature = "reqwest-middleware"), allow(dead_code))]
+    pub(crate) fn config(&self) -> &Arc<Config> {
+        &self.config
+    }
+
     /// What the token cache has done so far: fetches, failures, retries, storm-guard skips,
     /// and the current token's age and lifetime. Shared by every service made from this
     /// layer.
@@ -203,7 +209,7 @@ impl BlazeAuthLayerBuilder {
     /// sees every hop, and a redirect to another host gets nothing), as tower-http's
     /// `FilterCredentials` does on redirects. Requests with a relative URI (as a tonic
     /// channel sends them) are always authenticated: the inner service decides where they
-    /// go. [`BlazeEnv::layer`](crate::BlazeEnv::layer) names `BLAZE_BASE_URL`'s origin.
+    /// go. [`BlazeEnv::layer`] names `BLAZE_BASE_URL`'s origin.
     ///
     /// A plain `http` origin on a host that is not loopback needs
     /// [`allow_http`](Self::allow_http); [`build`](Self::build) fails without it.
@@ -230,6 +236,15 @@ impl BlazeAuthLayerBuilder {
     /// # Ok(())
     /// # }
     /// ```
+    ///
+    #[cfg_attr(
+        feature = "oauth2",
+        doc = "[`BlazeEnv::layer`]: crate::BlazeEnv::layer"
+    )]
+    #[cfg_attr(
+        not(feature = "oauth2"),
+        doc = "[`BlazeEnv::layer`]: crate#feature-flags"
+    )]
     pub fn origin(mut self, url: &str) -> Self {
         self.origins.push(url.to_owned());
         self
@@ -328,8 +343,17 @@ impl BlazeAuthLayerBuilder {
     /// takes longer fails every request waiting for it. The limit belongs to the fetch, not
     /// to a caller: a request that gives up neither shortens nor cancels it.
     ///
-    /// Default: 60 s: [`ClientCredentials`](crate::ClientCredentials)
-    /// with its defaults gives up within about 31 s by itself.
+    /// Default: 60 s: [`ClientCredentials`] with its defaults gives up within about 31 s by
+    /// itself.
+    ///
+    #[cfg_attr(
+        feature = "oauth2",
+        doc = "[`ClientCredentials`]: crate::ClientCredentials"
+    )]
+    #[cfg_attr(
+        not(feature = "oauth2"),
+        doc = "[`ClientCredentials`]: crate#feature-flags"
+    )]
     pub fn fetch_timeout(mut self, timeout: Duration) -> Self {
         self.cache.fetch_timeout = timeout;
         self

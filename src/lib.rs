@@ -98,6 +98,10 @@
 //! | `oauth2` | yes | `ClientCredentials` (client-credentials grant), `BlazeEnv`, `TokenError` |
 //! | `rustls` | yes | the built-in HTTPS client of `ClientCredentials` (hyper-util + rustls, no OpenSSL) |
 //! | `testing` | no | `testing::StandIn`, an embedded Blaze stand-in for tests and demos |
+//! | `redis` | no | `RedisShared`: one token for many processes, kept in Redis |
+//! | `reqwest` | no | `ReqwestService`: the layer over a `reqwest::Client` (module `blaze_auth::reqwest`); picks no TLS backend |
+//! | `reqwest-middleware` | no | `BlazeMiddleware`: a `reqwest_middleware::Middleware` sharing a layer's token cache |
+//! | `metrics` | no | counters, a histogram and a gauge through the `metrics` facade, under Prometheus names |
 //!
 //! Without default features the crate is the layer, the cache and the [`TokenSource`] trait:
 //! no HTTP client, no TLS, no JSON.
@@ -115,6 +119,8 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "reqwest-middleware")]
+mod attempt;
 mod backoff;
 pub mod blaze;
 mod error;
@@ -123,6 +129,9 @@ mod macros;
 mod metrics;
 mod rejection;
 pub mod replay;
+#[cfg(feature = "reqwest")]
+#[cfg_attr(docsrs, doc(cfg(feature = "reqwest")))]
+pub mod reqwest;
 mod scope;
 mod service;
 mod study;
@@ -156,6 +165,18 @@ pub use crate::{
 pub use crate::token::oauth2::{
     BlazeEnv, ClientAuth, ClientCredentials, ClientCredentialsBuilder, ClientSecret, TokenError,
 };
+
+#[cfg(feature = "metrics")]
+#[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
+pub use crate::metrics::describe_metrics;
+
+#[cfg(feature = "reqwest")]
+#[cfg_attr(docsrs, doc(cfg(feature = "reqwest")))]
+pub use crate::reqwest::{ReqwestFuture, ReqwestService};
+
+#[cfg(feature = "reqwest-middleware")]
+#[cfg_attr(docsrs, doc(cfg(feature = "reqwest-middleware")))]
+pub use crate::reqwest::BlazeMiddleware;
 
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]

@@ -22,13 +22,18 @@ const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 
 impl Verdict {
     pub(crate) fn of<B>(response: &Response<B>) -> Self {
-        match response.status() {
-            StatusCode::UNAUTHORIZED => bearer_verdict(response.headers()),
+        Self::of_head(response.status(), response.headers())
+    }
+
+    /// The verdict of a response's status and headers: for clients whose response type is
+    /// not `http::Response` (reqwest's).
+    pub(crate) fn of_head(status: StatusCode, headers: &HeaderMap) -> Self {
+        match status {
+            StatusCode::UNAUTHORIZED => bearer_verdict(headers),
             // gRPC answers an expired token with 200 and `grpc-status: 16` in a trailers-only
             // response, whose trailers arrive as headers.
             StatusCode::OK
-                if response
-                    .headers()
+                if headers
                     .get(GRPC_STATUS)
                     .is_some_and(|status| status.as_bytes() == GRPC_UNAUTHENTICATED) =>
             {

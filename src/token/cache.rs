@@ -17,7 +17,7 @@
 use crate::{
     backoff,
     error::{BoxError, Error, FetchError},
-    metrics::Metrics,
+    metrics::{Metrics, export},
     rejection::Verdict,
     token::{AccessToken, TokenSource},
 };
@@ -184,6 +184,7 @@ impl TokenCache {
             // Not `is_valid_at`: the clock is read only for a token that can expire.
             let now = Instant::now();
             if now < expires_at {
+                export::token_used(expires_at - now);
                 if now >= entry.refresh_from {
                     let refresh_at = entry.refresh_at.load(Ordering::Acquire);
                     if self.nanos(now) >= refresh_at {
@@ -253,6 +254,7 @@ impl TokenCache {
             return false;
         }
         self.counters.skipped.fetch_add(1, Ordering::Relaxed);
+        export::storm_guard_skip();
         if !entry.storm_logged.swap(true, Ordering::Relaxed) {
             tracing::warn!(
                 window_s = self.config.storm_window.as_secs(),
@@ -274,6 +276,7 @@ impl TokenCache {
     /// Counts a request sent again after a 401.
     pub(crate) fn count_retry(&self) {
         self.counters.retries.fetch_add(1, Ordering::Relaxed);
+        export::retry();
     }
 
     pub(crate) fn metrics(&self) -> Metrics {
@@ -319,6 +322,7 @@ impl TokenCache {
         };
         let cache = Arc::clone(self);
         self.counters.fetches.fetch_add(1, Ordering::Relaxed);
+        export::fetch_started();
         let after_rejection = rejected.is_some();
         // The fetch task runs in a span of its own, a root: it serves every request that
         // waits for it, not the one that happened to start it. A source's events
@@ -328,11 +332,18 @@ impl TokenCache {
             tracing::debug!("fetching a token");
             // A panicking source is reported like any failed fetch; a hanging one times out.
             let fetch = AssertUnwindSafe(cache.source.fetch(rejected.as_ref())).catch_unwind();
+            let started = Instant::now();
             let result = match tokio::time::timeout(cache.config.fetch_timeout, fetch).await {
                 Ok(Ok(result)) => result,
                 Ok(Err(_)) => Err(FetchError::Panicked.into()),
                 Err(_) => Err(FetchError::TimedOut.into()),
             };
+            let ended = Instant::now();
+            let remaining = |token: &AccessToken| token.expires_at()?.checked_duration_since(ended);
+            export::fetch_ended(
+                ended - started,
+                result.as_ref().map(remaining).map_err(drop),
+            );
             cache.finish(result, after_rejection)
         };
         let handle = runtime.spawn(tracing::Instrument::instrument(fetch, span));

@@ -12,8 +12,7 @@ use std::fmt;
 /// The secret enters it as a keyed hash (HMAC-SHA256 keyed with the secret), never itself:
 /// a process with a wrong or rotated-out secret does not ride on its peers' token, it
 /// fetches its own, and its mistake shows at once as the token endpoint refuses it. Get a
-/// key from [`ClientCredentials::shared_key`](crate::ClientCredentials::shared_key), or
-/// build one for another source:
+/// key from [`ClientCredentials::shared_key`], or build one for another source:
 ///
 /// ```
 /// use blaze_auth::token::redis::SharedKey;
@@ -33,6 +32,15 @@ use std::fmt;
 /// Whoever can list the Redis keys can test guesses of the secret against the digest, as
 /// against any hash of it: a random secret (as token endpoints issue) is safe, a guessable
 /// one is guessable anyway.
+///
+#[cfg_attr(
+    feature = "oauth2",
+    doc = "[`ClientCredentials::shared_key`]: crate::ClientCredentials::shared_key"
+)]
+#[cfg_attr(
+    not(feature = "oauth2"),
+    doc = "[`ClientCredentials::shared_key`]: crate#feature-flags"
+)]
 #[derive(Clone, PartialEq, Eq)]
 pub struct SharedKey {
     token_url: Box<str>,

@@ -94,6 +94,7 @@ impl<S: TokenSource> Shared<S> {
             }
         };
         self.counters.fallbacks.fetch_add(1, Ordering::Relaxed);
+        crate::metrics::export::redis_fallback();
         self.counters.source_fetches.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(reason = why, "token fetch without Redis");
         self.source.fetch(rejected).await

@@ -2,7 +2,7 @@
 //!
 //! A partner that runs many workers should not have every process fetch a token of its own:
 //! token endpoints rate-limit, and the server sees one partner. [`RedisShared`] wraps any
-//! [`TokenSource`] (usually [`ClientCredentials`](crate::ClientCredentials)) and keeps the
+//! [`TokenSource`] (usually [`ClientCredentials`]) and keeps the
 //! current token in Redis, where every process that uses the same [`SharedKey`] reads it.
 //!
 //! Each process still has its layer's in-memory cache on top: requests never touch Redis.
@@ -127,6 +127,15 @@
 //! the refresh margin absorbs the difference. Timeouts, leases and waits run on Tokio's
 //! clock: in a test with paused time, Tokio would skip over a Redis round trip and time it
 //! out, so test with real time, as Redis's own lease expiry needs anyway.
+//!
+#![cfg_attr(
+    feature = "oauth2",
+    doc = "[`ClientCredentials`]: crate::ClientCredentials"
+)]
+#![cfg_attr(
+    not(feature = "oauth2"),
+    doc = "[`ClientCredentials`]: crate#feature-flags"
+)]
 
 mod builder;
 mod codec;
