@@ -156,11 +156,10 @@ where
                     kept,
                 } => {
                     let response = ready!(future.poll(cx)).map_err(Error::inner)?;
-                    let next = config.cache.after_response(*sent, Verdict::of(&response));
-                    let retry = match next {
-                        Some(lookup) => kept.take().and_then(|kept| kept.retry(lookup, config)),
-                        None => None,
-                    };
+                    let retry = config
+                        .cache
+                        .after_response(*sent, Verdict::of(&response))
+                        .and_then(|lookup| kept.take()?.retry(lookup, config));
                     match retry {
                         Some(retry) => retry,
                         None => {

@@ -39,6 +39,7 @@ pub struct Metrics {
 #[cfg_attr(not(feature = "metrics"), allow(dead_code, unused_variables))]
 pub(crate) mod export {
     use std::time::Duration;
+    use tokio::time::Instant;
 
     pub(crate) const TOKEN_FETCHES: &str = "blaze_auth_token_fetches_total";
     pub(crate) const TOKEN_FETCH_FAILURES: &str = "blaze_auth_token_fetch_failures_total";
@@ -110,14 +111,29 @@ pub(crate) mod export {
         ::metrics::counter!(REDIS_FALLBACKS).increment(1);
     }
 
-    /// A request is sent with a token that has `remaining` to live. The gauge is set when
-    /// the whole seconds change, as this thread last saw them: a request pays a thread-local
-    /// read, not a registry lookup, and threads do not contend for a shared counter.
+    /// A request is sent, at `now`, with a token that expires at `expires_at`. The gauge is
+    /// set when the whole seconds left change, as this thread last saw them: a request pays
+    /// a thread-local read, not a registry lookup, and threads do not contend for a shared
+    /// counter. Until the seconds can have changed, a request compares two instants and
+    /// computes no duration (a subtraction of instants costs more than the rest of the
+    /// check); without the feature it computes nothing.
     #[inline]
-    pub(crate) fn token_used(remaining: Duration) {
+    pub(crate) fn token_used(expires_at: Instant, now: Instant) {
         #[cfg(feature = "metrics")]
-        if LAST_REMAINING.get() != remaining.as_secs() {
-            token_remaining(remaining.as_secs());
+        {
+            let unchanged = SECONDS_CHANGE
+                .get()
+                .is_some_and(|(expiry, change)| expiry == expires_at && now < change);
+            if unchanged {
+                return;
+            }
+            let seconds = (expires_at - now).as_secs();
+            if LAST_REMAINING.get() != seconds {
+                token_remaining(seconds);
+            }
+            // The whole seconds left stay `seconds` until `now` reaches this instant.
+            let change = expires_at.checked_sub(Duration::from_secs(seconds));
+            SECONDS_CHANGE.set(change.map(|change| (expires_at, change)));
         }
     }
 
@@ -125,6 +141,10 @@ pub(crate) mod export {
     thread_local! {
         /// The whole seconds this thread last set the gauge to.
         static LAST_REMAINING: std::cell::Cell<u64> = const { std::cell::Cell::new(u64::MAX) };
+        /// The expiry of the token this thread last saw a request use, and the instant until
+        /// which the whole seconds left of it are those the gauge was last checked against.
+        static SECONDS_CHANGE: std::cell::Cell<Option<(Instant, Instant)>> =
+            const { std::cell::Cell::new(None) };
     }
 
     #[cfg(feature = "metrics")]
@@ -275,6 +295,27 @@ mod tests {
             client.oneshot(get()).await.unwrap();
         });
         assert_eq!(seen.gauge(TOKEN_REMAINING), 3000.0);
+    }
+
+    #[test]
+    fn the_gauge_changes_when_the_whole_seconds_left_do_and_not_before() {
+        // Requests at 0.4 s, 0.9 s (the same whole second left: the quick check) and, in the
+        // second run, 1.1 s: each run's gauge is the whole seconds left at its last request.
+        let at = |steps: &'static [u64]| {
+            record(async move {
+                let source = TestSource::expiring(Duration::from_secs(3600));
+                let (service, _) = inner::<String, _>(|_| StatusCode::OK);
+                let client = BlazeAuthLayer::new(source, "S").layer(service);
+                client.clone().oneshot(get()).await.unwrap();
+                for &millis in steps {
+                    tokio::time::advance(Duration::from_millis(millis)).await;
+                    client.clone().oneshot(get()).await.unwrap();
+                }
+            })
+            .gauge(TOKEN_REMAINING)
+        };
+        assert_eq!(at(&[400, 500]), 3599.0);
+        assert_eq!(at(&[400, 500, 200]), 3598.0);
     }
 
     #[cfg(feature = "redis")]

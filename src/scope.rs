@@ -93,16 +93,20 @@ impl Scope {
             return false;
         };
         let authority = authority.as_str();
+        // `http`'s schemes come as written in lower case (`Uri` keeps `https` and `http` as
+        // constants): a compare of the bytes first, then one in any case.
+        let scheme_is =
+            |expected: &str| scheme == expected || scheme.eq_ignore_ascii_case(expected);
         match self {
             Scope::Default => {
-                scheme.eq_ignore_ascii_case("https")
+                scheme_is("https")
                     && [blaze::STAGING_URL, blaze::PRODUCTION_URL]
                         .iter()
                         .filter_map(|url| url.strip_prefix("https://"))
                         .any(|gateway| authority_is(authority, gateway, 443, true))
             }
             Scope::Named(origins) => origins.iter().any(|origin| {
-                scheme.eq_ignore_ascii_case(&origin.scheme)
+                scheme_is(&origin.scheme)
                     && authority_is(
                         authority,
                         &origin.host,

@@ -437,8 +437,14 @@ mod tests {
 
     #[tokio::test]
     async fn call_uses_the_clone_that_was_polled_ready() {
-        #[derive(Clone)]
+        // Readiness belongs to the instance that was polled, as with a permit: a clone
+        // starts out not ready.
         struct MustBeReady(bool);
+        impl Clone for MustBeReady {
+            fn clone(&self) -> Self {
+                Self(false)
+            }
+        }
         impl Service<Request<String>> for MustBeReady {
             type Response = Response<()>;
             type Error = Infallible;
@@ -447,15 +453,20 @@ mod tests {
                 self.0 = true;
                 Poll::Ready(Ok(()))
             }
-            fn call(&mut self, _: Request<String>) -> Self::Future {
+            fn call(&mut self, request: Request<String>) -> Self::Future {
                 assert!(std::mem::take(&mut self.0), "called without poll_ready");
-                std::future::ready(Ok(Response::new(())))
+                let mut response = Response::new(());
+                *response.status_mut() = reject_first_token(&sent_token(&request));
+                std::future::ready(Ok(response))
             }
         }
         let mut client = BlazeAuth::new(MustBeReady(false), TestSource::new(), "S");
+        // The first answer is a 401: the retry, too, polls its service ready before calling.
         for _ in 0..3 {
-            client.ready().await.unwrap().call(get()).await.unwrap();
+            let response = client.ready().await.unwrap().call(get()).await.unwrap();
+            assert_eq!(response.status(), StatusCode::OK);
         }
+        assert_eq!(client.metrics().retries, 1);
     }
 
     #[tokio::test]

@@ -134,22 +134,22 @@ impl ResearchStudy {
 /// Whether `query` may name a study: it has a percent escape, or a pair (split at `&` and
 /// `;`) whose name starts with [`PARAM`] in any ASCII case. Only such a name can be ours.
 ///
-/// Every request pays for this scan, so it reads the query once, eight bytes at a time, and
-/// looks closer only at the words that hold a `%`, `&` or `;`.
+/// Every request pays for this scan, so it reads the query eight bytes at a time, goes
+/// straight to the `%`, `&` and `;` a word holds, and compares our name only after a
+/// separator whose next byte is an `r` or `R`.
 fn may_name_study(query: &str) -> bool {
     let bytes = query.as_bytes();
     let param_at = |at: usize| {
-        bytes
-            .get(at..at + PARAM.len())
-            .is_some_and(|name| name.eq_ignore_ascii_case(PARAM.as_bytes()))
+        bytes.get(at).is_some_and(|&first| first | 0x20 == b'r')
+            && bytes
+                .get(at..at + PARAM.len())
+                .is_some_and(|name| name.eq_ignore_ascii_case(PARAM.as_bytes()))
     };
-    // The bytes of `part`, which starts at `offset`: a `%`, or a separator before our name.
-    let closer = |part: &[u8], offset: usize| {
-        part.iter().enumerate().any(|(i, &byte)| match byte {
-            b'%' => true,
-            b'&' | b';' => param_at(offset + i + 1),
-            _ => false,
-        })
+    // The byte at `at`: a `%`, or a separator before our name.
+    let closer = |at: usize| match bytes[at] {
+        b'%' => true,
+        b'&' | b';' => param_at(at + 1),
+        _ => false,
     };
     if param_at(0) {
         return true;
@@ -158,23 +158,29 @@ fn may_name_study(query: &str) -> bool {
     let mut offset = 0;
     for part in &mut words {
         let word = u64::from_le_bytes(part.try_into().expect("chunks of eight"));
-        if (has_byte(word, b'%') || has_byte(word, b'&') || has_byte(word, b';'))
-            && closer(part, offset)
-        {
-            return true;
+        let mut found = bytes_equal(word, b'%') | bytes_equal(word, b'&') | bytes_equal(word, b';');
+        while found != 0 {
+            // The lowest flag is always a true match; a higher one may be a false alarm,
+            // which `closer` rejects as it reads the byte.
+            let at = offset + found.trailing_zeros() as usize / 8;
+            if closer(at) {
+                return true;
+            }
+            found &= found - 1;
         }
         offset += 8;
     }
-    closer(words.remainder(), offset)
+    (offset..bytes.len()).any(closer)
 }
 
-/// Whether one of the eight bytes of `word` is `byte` (the classic bit trick: a byte of
-/// `word ^ byte`s is zero only where they are equal).
-fn has_byte(word: u64, byte: u8) -> bool {
+/// The high bit of each of the eight bytes of `word` that is `byte` (the classic bit trick: a
+/// byte of `word ^ byte`s is zero only where they are equal). Every equal byte is flagged; a
+/// byte above a flagged one may be flagged too without being equal.
+fn bytes_equal(word: u64, byte: u8) -> u64 {
     const ONES: u64 = u64::from_le_bytes([0x01; 8]);
     const HIGHS: u64 = u64::from_le_bytes([0x80; 8]);
     let x = word ^ (ONES * u64::from(byte));
-    x.wrapping_sub(ONES) & !x & HIGHS != 0
+    x.wrapping_sub(ONES) & !x & HIGHS
 }
 
 /// Whether `haystack` contains `needle` (ASCII) in any ASCII case.
@@ -364,10 +370,22 @@ mod tests {
             for at in 0..8 {
                 let mut word = [b'x'; 8];
                 word[at] = byte;
-                let found = has_byte(u64::from_le_bytes(word), b'&');
-                assert_eq!(found, byte == b'&', "{byte} at {at}");
+                let found = bytes_equal(u64::from_le_bytes(word), b'&');
+                let expected = if byte == b'&' { 0x80 << (8 * at) } else { 0 };
+                assert_eq!(found, expected, "{byte} at {at}");
+                // With a `&` in every other place too, every one of them is flagged.
+                let mut word = [b'&'; 8];
+                word[at] = byte;
+                let found = bytes_equal(u64::from_le_bytes(word), b'&');
+                for other in (0..8).filter(|&other| other != at) {
+                    assert_ne!(found & 0x80 << (8 * other), 0, "{byte} at {at}, {other}");
+                }
             }
         }
+        // Several separators in one word: the scan looks past those before other names.
+        assert!(may_name_study("a&b;c&researchstudy=X"));
+        assert!(may_name_study("&;&;&;&researchStudy=X"));
+        assert!(!may_name_study("a&b;c&d&e;f&g;h&rr&RR&research"));
         // A separator in each position of a word, and in the tail after the last word.
         for len in 0..24 {
             let before = "a".repeat(len);

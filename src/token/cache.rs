@@ -204,7 +204,7 @@ impl TokenCache {
             // Not `is_valid_at`: the clock is read only for a token that can expire.
             let now = Instant::now();
             if now < expires_at {
-                export::token_used(expires_at - now);
+                export::token_used(expires_at, now);
                 if now >= entry.refresh_from {
                     let refresh_at = entry.refresh_at.load(Ordering::Acquire);
                     if self.nanos(now) >= refresh_at {
