@@ -329,7 +329,7 @@ impl BlazeAuthLayerBuilder {
     /// requests without one wait for the attempt at the end of the cool-down or fail at once
     /// (see [`max_token_wait`](Self::max_token_wait)). The cool-down doubles with each
     /// failure in a row, up to 30 s (or this value, if longer), and resets with the next
-    /// token.
+    /// token. Zero: no cool-down, and no request waits for a failing endpoint either.
     ///
     /// Default: 1 s.
     pub fn fetch_cooldown(mut self, cooldown: Duration) -> Self {
@@ -366,7 +366,9 @@ impl BlazeAuthLayerBuilder {
     /// recovers by itself once it is fixed.
     ///
     /// Zero: requests without a valid token fail at once with the last fetch's error until
-    /// the cool-down ends.
+    /// the cool-down ends. They do so too with a [`fetch_cooldown`](Self::fetch_cooldown) of
+    /// zero, which leaves no attempt at the end of a cool-down to wait for: a waiting request
+    /// would start a fetch after every failure, as fast as the endpoint fails.
     ///
     /// Default: 5 s. A bad answer of the token endpoint then costs the requests of one
     /// cool-down (1 s by default) a short wait, not an error. A request that meets a failure

@@ -187,6 +187,26 @@ async fn the_callers_cancellation_ends_its_wait_and_the_attempt_serves_the_other
     assert_eq!(source.fetches(), 2);
 }
 
+#[tokio::test]
+async fn a_cool_down_of_zero_fails_at_once_instead_of_fetching_in_a_loop() {
+    // Without a cool-down there is no attempt at its end to wait for: a waiter would start a
+    // fetch after every failure, as fast as the endpoint fails, until its bound.
+    let source = Script::failing_first(usize::MAX, Failure::Transient);
+    let (layer, client) = stack(
+        &source,
+        Some(Duration::from_millis(300)),
+        Some(Duration::ZERO),
+    );
+    let error = client.oneshot(get()).await.unwrap_err();
+    assert_eq!(error.source().unwrap().to_string(), "fetch 1 failed");
+    assert_eq!(
+        source.fetches(),
+        1,
+        "one request, one fetch, as without waiting"
+    );
+    assert_eq!(layer.metrics().token_waits, 0);
+}
+
 // Helpers.
 
 type Client = BoxCloneSyncService<Request<String>, Response<String>, blaze_auth::Error>;

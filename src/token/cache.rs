@@ -16,7 +16,7 @@
 //! cool-down allows at its end, and the next, up to `max_token_wait` after it met the failure
 //! (a [`TokenWait`] with a [`Ride`]). It gets the last error at once instead when waiting
 //! will not fix it ([`is_permanent`]), when the next attempt comes after its bound, or when
-//! the bound is zero.
+//! the bound or the cool-down is zero.
 
 use crate::{
     backoff,
@@ -290,12 +290,12 @@ impl TokenCache {
         self.start(flight, rejected)
     }
 
-    /// A wait for `fetch` that rides through its failure, unless the bound is zero; made
-    /// under the flight lock, so that the failure count is that of the fetch joined. `None`:
-    /// a cool-down runs, and the ride waits for its end.
+    /// A wait for `fetch` that rides through its failure, unless [`rides`](Self::rides)
+    /// says no; made under the flight lock, so that the failure count is that of the fetch
+    /// joined. `None`: a cool-down runs, and the ride waits for its end.
     fn wait(self: &Arc<Self>, fetch: Option<Fetch>) -> TokenWait {
         TokenWait(match fetch {
-            Some(fetch) if self.config.max_token_wait.is_zero() => Wait::Join(fetch),
+            Some(fetch) if !self.rides() => Wait::Join(fetch),
             fetch => Wait::Ride(Box::new(Ride {
                 cache: Arc::clone(self),
                 fetch,
@@ -309,8 +309,16 @@ impl TokenCache {
     /// end of the cool-down, if waiting may fix the error and the next attempt starts before
     /// `deadline`.
     fn ride_until(&self, refusal: &Refusal, deadline: Instant) -> Option<Instant> {
-        let bounded = !self.config.max_token_wait.is_zero();
-        refusal.retry_at.filter(|&at| bounded && at < deadline)
+        let rides = self.rides();
+        refusal.retry_at.filter(|&at| rides && at < deadline)
+    }
+
+    /// Whether a request without a valid token rides through failed fetches at all: not with
+    /// a bound of zero, and not without a cool-down, which leaves no attempt at its end to
+    /// wait for: a waiter would start a fetch after each failure, as fast as the endpoint
+    /// fails, until its bound.
+    fn rides(&self) -> bool {
+        !self.config.max_token_wait.is_zero() && !self.config.fetch_cooldown.is_zero()
     }
 
     /// Whether refusing `entry` is part of a storm that new tokens do not calm: it was itself
