@@ -207,6 +207,17 @@ async fn a_cool_down_of_zero_fails_at_once_instead_of_fetching_in_a_loop() {
     assert_eq!(layer.metrics().token_waits, 0);
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_bound_too_far_to_add_to_the_clock_waits_without_panicking() {
+    // `Duration::MAX` reads as "wait as long as it takes"; the deadline is not representable.
+    let source = Script::failing_first(2, Failure::Transient);
+    let (layer, client) = stack(&source, Some(Duration::MAX), None);
+    assert_eq!(client.oneshot(get()).await.unwrap().into_body(), "token-3");
+    assert_eq!(source.fetches(), 3);
+    let metrics = layer.metrics();
+    assert_eq!((metrics.token_waits, metrics.token_waits_given_up), (1, 0));
+}
+
 // Helpers.
 
 type Client = BoxCloneSyncService<Request<String>, Response<String>, blaze_auth::Error>;

@@ -52,6 +52,9 @@ const MAX_COOLDOWN: Duration = Duration::from_secs(30);
 /// The shortest time a token that arrived expired is kept: see [`TokenCache::expired_on_arrival`].
 const MIN_EXPIRED_HOLD: Duration = Duration::from_secs(1);
 
+/// Stands for a time too far ahead to add to the clock: about 30 years, as tokio's own.
+const FAR_FUTURE: Duration = Duration::from_secs(86_400 * 365 * 30);
+
 /// How a cache refreshes tokens and backs off after failures.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct CacheConfig {
@@ -259,11 +262,7 @@ impl TokenCache {
         match self.attempt(&mut flight, now, rejected_token) {
             Ok(fetch) => Lookup::Wait(self.wait(Some(fetch))),
             // The cool-down ends soon enough: wait for the attempt at its end.
-            Err(refusal)
-                if self
-                    .ride_until(&refusal, now + self.config.max_token_wait)
-                    .is_some() =>
-            {
+            Err(refusal) if self.ride_until(&refusal, self.wait_deadline(now)).is_some() => {
                 Lookup::Wait(self.wait(None))
             }
             Err(refusal) => Lookup::Failed(Error::token(refusal.error)),
@@ -311,6 +310,13 @@ impl TokenCache {
     fn ride_until(&self, refusal: &Refusal, deadline: Instant) -> Option<Instant> {
         let rides = self.rides();
         refusal.retry_at.filter(|&at| rides && at < deadline)
+    }
+
+    /// When a request that meets a failure `now` gives up: `max_token_wait` later, or, for a
+    /// bound the clock cannot add (`Duration::MAX` for "as long as it takes"), in
+    /// [`FAR_FUTURE`].
+    fn wait_deadline(&self, now: Instant) -> Instant {
+        (now.checked_add(self.config.max_token_wait)).unwrap_or_else(|| now + FAR_FUTURE)
     }
 
     /// Whether a request without a valid token rides through failed fetches at all: not with
@@ -681,7 +687,7 @@ impl Ride {
         let deadline = match &self.waiting {
             Some(waiting) if now >= waiting.deadline => return Err(self.give_up()),
             Some(waiting) => waiting.deadline,
-            None => now + cache.config.max_token_wait,
+            None => cache.wait_deadline(now),
         };
         let (wake_at, error) = match cache.attempt(&mut flight, now, None) {
             Ok(fetch) => {
