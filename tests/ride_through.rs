@@ -218,6 +218,25 @@ async fn a_bound_too_far_to_add_to_the_clock_waits_without_panicking() {
     assert_eq!((metrics.token_waits, metrics.token_waits_given_up), (1, 0));
 }
 
+#[tokio::test]
+async fn a_cool_down_too_long_for_the_clock_holds_and_no_waiter_loops() {
+    // The cool-down's end could not be added to the clock: the fetch task panicked before it
+    // recorded the failure, and its waiters, seeing a failure but no cool-down, fetched again
+    // at once, in a loop, until their bound.
+    let source = Script::failing_first(usize::MAX, Failure::Transient);
+    let (layer, client) = stack(
+        &source,
+        Some(Duration::from_millis(300)),
+        Some(Duration::MAX),
+    );
+    let error = client.clone().oneshot(get()).await.unwrap_err();
+    assert_eq!(error.source().unwrap().to_string(), "fetch 1 failed");
+    let error = client.oneshot(get()).await.unwrap_err();
+    assert_eq!(error.source().unwrap().to_string(), "fetch 1 failed");
+    assert_eq!(source.fetches(), 1, "no fetch during the cool-down");
+    assert_eq!(layer.metrics().fetch_failures, 1);
+}
+
 // Helpers.
 
 type Client = BoxCloneSyncService<Request<String>, Response<String>, blaze_auth::Error>;

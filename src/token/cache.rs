@@ -476,7 +476,9 @@ impl TokenCache {
                 let cooldown = self.cooldown(in_a_row);
                 let permanent = is_permanent(&*error);
                 tracing::warn!(%error, in_a_row, permanent, cooldown_ms = cooldown.as_millis() as u64, "token fetch failed");
-                let until = now + cooldown;
+                // A cool-down the clock cannot add (`Duration::MAX`) would panic this task
+                // before the failure is recorded, and its waiters would fetch again at once.
+                let until = now.checked_add(cooldown).unwrap_or(now + FAR_FUTURE);
                 flight.failure = Some(Failure {
                     error: Arc::clone(&error),
                     until,
