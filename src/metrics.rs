@@ -23,8 +23,10 @@ pub struct Metrics {
     /// waited for the next attempt instead of failing at once (see
     /// [`BlazeAuthLayerBuilder::max_token_wait`](crate::BlazeAuthLayerBuilder::max_token_wait)).
     pub token_waits: u64,
-    /// Of those, requests that reached their bound without a token and failed with the last
-    /// error.
+    /// Of those, requests that failed with the last error because of their bound: it ran out
+    /// while an attempt was under way, or the next attempt would start after it (they give
+    /// up then, without waiting for the bound itself). A request that meets an error waiting
+    /// will not fix fails at once and is not counted here.
     pub token_waits_given_up: u64,
     /// How long ago the cached token was fetched; `None` before the first token.
     pub token_age: Option<Duration>,
@@ -190,7 +192,7 @@ pub fn describe_metrics() {
     describe_counter!(
         TOKEN_WAITS_GIVEN_UP,
         Unit::Count,
-        "Waiting requests that reached max_token_wait without a token"
+        "Waiting requests that failed because max_token_wait came before a token"
     );
     describe_counter!(
         REDIS_FALLBACKS,
