@@ -316,7 +316,8 @@ impl TokenCache {
     /// bound the clock cannot add (`Duration::MAX` for "as long as it takes"), in
     /// [`FAR_FUTURE`].
     fn wait_deadline(&self, now: Instant) -> Instant {
-        (now.checked_add(self.config.max_token_wait)).unwrap_or_else(|| now + FAR_FUTURE)
+        now.checked_add(self.config.max_token_wait)
+            .unwrap_or_else(|| now + FAR_FUTURE)
     }
 
     /// Whether a request without a valid token rides through failed fetches at all: not with
@@ -422,8 +423,11 @@ impl TokenCache {
         let span = tracing::debug_span!(parent: None, "blaze_auth::cache_fetch", after_rejection);
         let fetch = async move {
             tracing::debug!("fetching a token");
-            // A panicking source is reported like any failed fetch; a hanging one times out.
-            let fetch = AssertUnwindSafe(cache.source.fetch(rejected.as_ref())).catch_unwind();
+            // A panicking source is reported like any failed fetch, whether `fetch` itself
+            // panics or its future does (hence the call inside the caught future); a hanging
+            // one times out.
+            let fetch = AssertUnwindSafe(async { cache.source.fetch(rejected.as_ref()).await })
+                .catch_unwind();
             let started = Instant::now();
             let result = match tokio::time::timeout(cache.config.fetch_timeout, fetch).await {
                 Ok(Ok(result)) => result,
@@ -1047,6 +1051,30 @@ mod tests {
         assert_eq!(cause(&error), Some(&FetchError::Panicked));
         tokio::time::advance(DEFAULT_FETCH_COOLDOWN).await;
         assert_eq!(client.oneshot(get()).await.unwrap().body(), "ok");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_source_that_panics_before_its_future_is_ridden_through_like_any_failure() {
+        let panicked = Arc::new(AtomicBool::new(false));
+        let once = Arc::clone(&panicked);
+        // The closure itself panics, in `TokenSource::fetch`, not in the future it returns.
+        let source = crate::token_fn(move |_| {
+            assert!(once.swap(true, Ordering::SeqCst), "source bug");
+            async { AccessToken::bearer("ok") }
+        });
+        let (service, _) = inner::<String, _>(|_| StatusCode::OK);
+        let client = BlazeAuth::new(service, source, "S");
+        let started = tokio::time::Instant::now();
+        let response = client.clone().oneshot(get()).await.unwrap();
+        assert_eq!(response.body(), "ok");
+        assert_eq!(
+            started.elapsed(),
+            DEFAULT_FETCH_COOLDOWN,
+            "the attempt after the cool-down"
+        );
+        let metrics = client.metrics();
+        assert_eq!((metrics.token_fetches, metrics.fetch_failures), (2, 1));
+        assert_eq!(metrics.token_waits, 1);
     }
 
     #[test]
