@@ -333,7 +333,10 @@ impl TokenCache {
     /// yet. Counts and logs the refusal if so.
     fn in_storm(&self, entry: &Entry, now: Instant) -> bool {
         let on_probation = entry.on_probation.load(Ordering::Relaxed);
-        if !on_probation || now >= entry.issued_at + self.config.storm_window {
+        // Not `issued_at + storm_window`: the clock cannot add a window of `Duration::MAX`.
+        let window_over =
+            now.saturating_duration_since(entry.issued_at) >= self.config.storm_window;
+        if !on_probation || window_over {
             return false;
         }
         self.counters.skipped.fetch_add(1, Ordering::Relaxed);
@@ -1205,6 +1208,24 @@ mod tests {
         client.clone().oneshot(get()).await.unwrap();
         client.oneshot(get()).await.unwrap();
         assert_eq!(source.fetches(), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_storm_window_too_long_for_the_clock_guards_without_panicking() {
+        let layer = BlazeAuthLayer::builder(TestSource::new())
+            .study("S")
+            .storm_window(Duration::MAX)
+            .build()
+            .unwrap();
+        let (service, calls) = inner::<String, _>(|_| StatusCode::UNAUTHORIZED);
+        let client = layer.layer(service);
+        for _ in 0..3 {
+            let response = client.clone().oneshot(get()).await.unwrap();
+            assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 4, "one retry, then the guard");
+        let metrics = client.metrics();
+        assert_eq!((metrics.token_fetches, metrics.refreshes_skipped), (2, 2));
     }
 
     #[tokio::test(start_paused = true)]
