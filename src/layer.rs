@@ -348,8 +348,9 @@ impl BlazeAuthLayerBuilder {
     /// ([`Error::is_token`]), as it does at once if the next attempt would start after its
     /// bound. A fetch under way is bounded by [`fetch_timeout`](Self::fetch_timeout), and
     /// the caller's own cancellation (dropping the future, a timeout layer outside) ends the
-    /// wait at once. [`Metrics::token_waits`] and [`Metrics::token_waits_given_up`] count
-    /// the requests that waited and those that gave up because of the bound.
+    /// wait at once. The retry after a 401 needs a token too, and may wait as long again.
+    /// [`Metrics::token_waits`] and [`Metrics::token_waits_given_up`] count the waits and
+    /// those that gave up because of the bound.
     ///
     /// Requests still fail at once with the error when waiting will not fix it:
     /// - [`ClientCredentials`] was refused by the token endpoint:

@@ -22,8 +22,10 @@ pub struct Metrics {
     /// Requests that met a failed token fetch (during its cool-down, or as its result) and
     /// waited for the next attempt instead of failing at once (see
     /// [`BlazeAuthLayerBuilder::max_token_wait`](crate::BlazeAuthLayerBuilder::max_token_wait)).
+    /// A request counts once for each token it waits for: twice if it waited for its token
+    /// and, after a 401, again for its retry's.
     pub token_waits: u64,
-    /// Of those, requests that failed with the last error because of their bound: it ran out
+    /// Of those waits, the ones that failed with the last error because of their bound: it ran out
     /// while an attempt was under way, or the next attempt would start after it (they give
     /// up then, without waiting for the bound itself). A request that meets an error waiting
     /// will not fix fails at once and is not counted here.
@@ -187,7 +189,7 @@ pub fn describe_metrics() {
     describe_counter!(
         TOKEN_WAITS,
         Unit::Count,
-        "Requests that met a failed token fetch and waited for the next attempt"
+        "Requests that met a failed token fetch and waited for the next attempt, once per token waited for"
     );
     describe_counter!(
         TOKEN_WAITS_GIVEN_UP,

@@ -237,6 +237,39 @@ async fn a_cool_down_too_long_for_the_clock_holds_and_no_waiter_loops() {
     assert_eq!(layer.metrics().fetch_failures, 1);
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_request_that_waits_for_its_token_and_again_for_its_retrys_counts_two_waits() {
+    // Fetches 1 and 3 fail; the server refuses token-2, so the retry needs token-4.
+    let fetches = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&fetches);
+    let source = blaze_auth::token_fn(move |_| {
+        let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
+        async move {
+            if n % 2 == 1 {
+                return Err(BoxError::from(format!("fetch {n} failed")));
+            }
+            AccessToken::bearer(&format!("token-{n}")).map_err(BoxError::from)
+        }
+    });
+    let layer = BlazeAuthLayer::builder(source).study("S").build().unwrap();
+    let service =
+        ServiceBuilder::new()
+            .layer(layer.clone())
+            .service_fn(|request: Request<String>| {
+                let refused = request.headers()[AUTHORIZATION] == "Bearer token-2";
+                let mut response = Response::new(String::new());
+                if refused {
+                    *response.status_mut() = http::StatusCode::UNAUTHORIZED;
+                }
+                std::future::ready(Ok::<_, Infallible>(response))
+            });
+    let response = service.oneshot(get()).await.unwrap();
+    assert_eq!(response.status(), http::StatusCode::OK);
+    assert_eq!(fetches.load(Ordering::SeqCst), 4);
+    let metrics = layer.metrics();
+    assert_eq!((metrics.token_waits, metrics.token_waits_given_up), (2, 0));
+}
+
 // Helpers.
 
 type Client = BoxCloneSyncService<Request<String>, Response<String>, blaze_auth::Error>;
