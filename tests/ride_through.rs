@@ -270,6 +270,21 @@ async fn a_request_that_waits_for_its_token_and_again_for_its_retrys_counts_two_
     assert_eq!((metrics.token_waits, metrics.token_waits_given_up), (2, 0));
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_hanging_source_fails_its_waiters_at_the_fetch_timeout_and_the_bound() {
+    // The fetch times out at 60 s; the request rides to the attempt at 61 s, which hangs as
+    // well, and gives up at its bound, 5 s after the timeout it met.
+    let source = Script::failing_first(0, Failure::Transient).then_hanging();
+    let (layer, client) = stack(&source, None, None);
+    let started = Instant::now();
+    let error = client.oneshot(get()).await.unwrap_err();
+    assert!(error.is_timeout(), "{error:?}");
+    assert_eq!(started.elapsed(), Duration::from_secs(65));
+    assert_eq!(source.fetches(), 2);
+    let metrics = layer.metrics();
+    assert_eq!((metrics.token_waits, metrics.token_waits_given_up), (1, 1));
+}
+
 // Helpers.
 
 type Client = BoxCloneSyncService<Request<String>, Response<String>, blaze_auth::Error>;
