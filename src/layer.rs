@@ -399,8 +399,10 @@ impl BlazeAuthLayerBuilder {
     }
 
     /// Sets the longest one token fetch may take, whatever the source does; a fetch that
-    /// takes longer fails every request waiting for it. The limit belongs to the fetch, not
-    /// to a caller: a request that gives up neither shortens nor cancels it.
+    /// takes longer fails, and the requests waiting for it ride the failure through as
+    /// any other, up to [`max_token_wait`](Self::max_token_wait) (or get the error at once,
+    /// with a bound of zero). The limit belongs to the fetch, not to a caller: a request
+    /// that gives up neither shortens nor cancels it.
     ///
     /// Default: 60 s: [`ClientCredentials`] with its defaults gives up within about 31 s by
     /// itself.
