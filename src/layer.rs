@@ -356,7 +356,9 @@ impl BlazeAuthLayerBuilder {
     /// - [`ClientCredentials`] was refused by the token endpoint:
     ///   an OAuth error such as `invalid_client`, `invalid_scope` or `unauthorized_client`,
     ///   or a 4xx status other than 408 and 429;
-    /// - a TLS failure, such as a certificate that is not trusted;
+    /// - a TLS failure, such as a certificate that is not trusted, as `rustls` reports it
+    ///   (the built-in client's, with the `rustls` feature; an HTTP client of your own that
+    ///   uses another TLS stack fails transiently, and its requests wait);
     /// - any error a source marks with [`PermanentError`](crate::PermanentError);
     /// - no Tokio runtime to fetch on.
     ///
