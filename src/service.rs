@@ -6,7 +6,10 @@ use crate::{
     layer::{BlazeAuthLayer, Config},
     metrics::Metrics,
     replay::{CloneBody, Replay, RequestCopy},
-    token::{TokenSource, cache::Lookup},
+    token::{
+        TokenSource,
+        cache::{Lookup, TokenView},
+    },
 };
 use http::{Request, Response};
 use std::{
@@ -26,6 +29,8 @@ pub struct BlazeAuth<S, R = CloneBody> {
     inner: S,
     config: Arc<Config>,
     replay: R,
+    /// The cached token as this service last saw it: see [`TokenView`].
+    token: TokenView,
 }
 
 impl<S> BlazeAuth<S> {
@@ -52,6 +57,7 @@ impl<S, R> BlazeAuth<S, R> {
     pub(crate) fn from_parts(inner: S, config: Arc<Config>, replay: R) -> Self {
         Self {
             inner,
+            token: TokenView::new(&config.cache),
             config,
             replay,
         }
@@ -111,7 +117,7 @@ where
         }
         let mut request = Request::from_parts(parts, body);
         let config = Arc::clone(&self.config);
-        match config.cache.get() {
+        match config.cache.get_through(&mut self.token) {
             Lookup::Ready(credential) => {
                 let sent = authorize(&mut request, credential);
                 let future = ready_inner.call(request);
