@@ -131,6 +131,7 @@ impl Config {
     /// their origin, as a tonic channel does); absolute ones if their origin is in the
     /// layer's scope. An error for plain `http` to a host that is not loopback in an open
     /// scope, unless allowed.
+    #[inline(always)]
     pub(crate) fn authenticates(&self, uri: &Uri) -> Result<bool, Error> {
         let decision = self.scope.decide(uri, self.allow_http)?;
         Ok(decision == Decision::Authenticate)
