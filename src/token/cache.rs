@@ -237,6 +237,8 @@ impl TokenCache {
     /// the storm guard says a new token will not help. Only the first refusal of the cached
     /// token fetches a new one; a request that was sent with an older token gets the current
     /// one, or joins the fetch under way. The retry's own answer goes to the caller as it is.
+    // Every response pays for the first test, inline; a refusal is handled out of line.
+    #[inline(always)]
     pub(crate) fn after_response(self: &Arc<Self>, sent: Sent, verdict: Verdict) -> Option<Lookup> {
         if verdict != Verdict::Refused {
             if sent.on_probation {
@@ -244,6 +246,12 @@ impl TokenCache {
             }
             return None;
         }
+        self.after_refusal(sent)
+    }
+
+    /// [`after_response`](Self::after_response) to a response that refused the token.
+    #[inline(never)]
+    fn after_refusal(self: &Arc<Self>, sent: Sent) -> Option<Lookup> {
         if sent.retry {
             return None;
         }
