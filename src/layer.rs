@@ -149,7 +149,10 @@ impl Config {
             .get::<ResearchStudy>()
             .or(self.study.as_ref())
             .ok_or_else(Error::missing_study)?;
-        parts.uri = study.add_to(std::mem::take(&mut parts.uri))?;
+        let uri = study.add_to(std::mem::take(&mut parts.uri))?;
+        // What `take` left is `Uri::default()`, static bytes that need no drop: not dropping
+        // it saves three calls through `Bytes`' vtable on every request.
+        std::mem::forget(std::mem::replace(&mut parts.uri, uri));
         for (name, value) in &self.headers {
             parts.headers.insert(name, value.clone());
         }
