@@ -12,9 +12,7 @@ use crate::{
         cache::{CacheConfig, TokenCache},
     },
 };
-use http::{
-    HeaderMap, HeaderName, HeaderValue, Method, Uri, header::AUTHORIZATION, request::Parts,
-};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Uri, header::AUTHORIZATION};
 use std::{fmt, sync::Arc, time::Duration};
 use tower::Layer;
 
@@ -142,19 +140,25 @@ impl Config {
         !self.idempotent_only || method.is_idempotent()
     }
 
-    /// Adds the study and the fixed headers to a request head. The token comes later.
-    pub(crate) fn prepare(&self, parts: &mut Parts) -> Result<(), Error> {
-        let study = parts
-            .extensions
+    /// Adds the study and the fixed headers to a request. The token comes later.
+    ///
+    /// It takes the whole request, not its head: taking a request apart and putting it
+    /// together again moves the head twice (a `memcpy` of some 200 bytes each time).
+    pub(crate) fn prepare<B>(&self, request: &mut Request<B>) -> Result<(), Error> {
+        // Taken out first, as the study may be borrowed from the request's extensions. A
+        // request that fails here is not sent, so what is left in its place does not matter.
+        let uri = std::mem::take(request.uri_mut());
+        let study = request
+            .extensions()
             .get::<ResearchStudy>()
             .or(self.study.as_ref())
             .ok_or_else(Error::missing_study)?;
-        let uri = study.add_to(std::mem::take(&mut parts.uri))?;
+        let uri = study.add_to(uri)?;
         // What `take` left is `Uri::default()`, static bytes that need no drop: not dropping
         // it saves three calls through `Bytes`' vtable on every request.
-        std::mem::forget(std::mem::replace(&mut parts.uri, uri));
+        std::mem::forget(std::mem::replace(request.uri_mut(), uri));
         for (name, value) in &self.headers {
-            parts.headers.insert(name, value.clone());
+            request.headers_mut().insert(name, value.clone());
         }
         Ok(())
     }

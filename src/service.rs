@@ -92,30 +92,31 @@ where
         let mut ready_inner = std::mem::replace(&mut self.inner, not_ready_inner);
 
         // A request for an origin the layer does not serve goes as it is.
-        let (mut parts, body) = request.into_parts();
-        match self.config.authenticates(&parts.uri) {
+        let replay = &self.replay;
+        match self.config.authenticates(request.uri()) {
             Ok(true) => {}
             Ok(false) => {
-                let request = Request::from_parts(parts, self.replay.once(body));
+                let request = request.map(|body| replay.once(body));
                 return ResponseFuture::pass_through(ready_inner.call(request));
             }
             Err(error) => return ResponseFuture::failed(error),
         }
         // A copy for the retry after a 401, of the request as the caller sent it.
-        let (body, copy) = if self.config.may_retry(&parts.method) {
-            let (body, copy) = self.replay.replayable(body);
-            (
-                body,
-                copy.map(|copy| RequestCopy::new(&parts, copy, R::claim)),
-            )
+        let mut copy = None;
+        let mut request = if self.config.may_retry(request.method()) {
+            request.map(|body| {
+                let (body, kept) = replay.replayable(body);
+                copy = kept;
+                body
+            })
         } else {
-            (self.replay.once(body), None)
+            request.map(|body| replay.once(body))
         };
+        let copy = copy.map(|body| RequestCopy::new(&request, body, R::claim));
         // The study and the layer's headers; then the token, cached or fetched.
-        if let Err(error) = self.config.prepare(&mut parts) {
+        if let Err(error) = self.config.prepare(&mut request) {
             return ResponseFuture::failed(error);
         }
-        let mut request = Request::from_parts(parts, body);
         let config = Arc::clone(&self.config);
         match config.cache.get_through(&mut self.token) {
             Lookup::Ready(credential) => {
