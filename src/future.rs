@@ -137,6 +137,7 @@ where
 {
     type Output = Result<Response<ResBody>, Error>;
 
+    #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut state = self.project().state;
         loop {
