@@ -326,6 +326,34 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_service_sends_the_token_another_clone_got_after_a_401() {
+        // Each service keeps the entry it last used: it must still see the cache's current
+        // one once another clone's 401 has replaced it.
+        let source = TestSource::new();
+        let refused = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let refuse = Arc::clone(&refused);
+        let (service, calls) = inner::<String, _>(move |token| {
+            if token == "token-1" && refuse.load(Ordering::SeqCst) {
+                StatusCode::UNAUTHORIZED
+            } else {
+                StatusCode::OK
+            }
+        });
+        let mut first = BlazeAuth::new(service, source.clone(), "S");
+        let mut other = first.clone();
+        let response = first.ready().await.unwrap().call(get()).await.unwrap();
+        assert_eq!(response.body(), "token-1");
+        refused.store(true, Ordering::SeqCst);
+        let response = other.ready().await.unwrap().call(get()).await.unwrap();
+        assert_eq!(response.body(), "token-2");
+        let response = first.ready().await.unwrap().call(get()).await.unwrap();
+        assert_eq!(response.body(), "token-2");
+        assert_eq!(source.fetches(), 2);
+        // The first request, the refused one and its retry, and the last: no 401 for it.
+        assert_eq!(calls.load(Ordering::SeqCst), 4);
+    }
+
+    #[tokio::test]
     async fn the_retry_sends_the_same_head_with_a_new_token() {
         #[derive(Clone, Debug, PartialEq)]
         struct Tag(u32);
