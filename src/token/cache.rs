@@ -130,8 +130,9 @@ pub(crate) struct Entry {
     /// When to refresh ahead of expiry, in nanoseconds since the cache's epoch. The request
     /// that swaps in [`CLAIMED`] starts the refresh; a failed refresh sets a later time.
     refresh_at: AtomicU64,
-    /// The first `refresh_at`, which a failed refresh only ever puts later: until then a
-    /// request compares two instants, and neither loads `refresh_at` nor converts the clock.
+    /// The first `refresh_at`, which a failed refresh only ever puts later, and never after
+    /// the expiry: until then a request compares the clock with this one instant, and
+    /// neither checks the expiry, loads `refresh_at` nor converts the clock.
     refresh_from: Instant,
     issued_at: Instant,
     /// Fetched because the server refused the token before, and not yet accepted by it: if
@@ -217,13 +218,17 @@ impl TokenCache {
             };
             // Not `is_valid_at`: the clock is read only for a token that can expire.
             let now = Instant::now();
+            // Until its refresh time, which is never after its expiry, a token is valid: the
+            // common case in one compare.
+            if now < entry.refresh_from {
+                export::token_used(expires_at, now);
+                return Lookup::Ready(entry.credential());
+            }
             if now < expires_at {
                 export::token_used(expires_at, now);
-                if now >= entry.refresh_from {
-                    let refresh_at = entry.refresh_at.load(Ordering::Acquire);
-                    if self.nanos(now) >= refresh_at {
-                        self.refresh_ahead(entry, refresh_at);
-                    }
+                let refresh_at = entry.refresh_at.load(Ordering::Acquire);
+                if self.nanos(now) >= refresh_at {
+                    self.refresh_ahead(entry, refresh_at);
                 }
                 return Lookup::Ready(entry.credential());
             }
