@@ -144,6 +144,8 @@ impl Config {
     ///
     /// It takes the whole request, not its head: taking a request apart and putting it
     /// together again moves the head twice (a `memcpy` of some 200 bytes each time).
+    // Inline: a frame of its own around `add_to`'s call cost more than its own work.
+    #[inline]
     pub(crate) fn prepare<B>(&self, request: &mut Request<B>) -> Result<(), Error> {
         // A study of the request's own is cloned (a reference count, and rare), so that the
         // URI can be changed in place while the study is in hand.
