@@ -9,7 +9,7 @@ use crate::{
     rejection::Verdict,
     token::cache::{Credential, Lookup, Sent},
 };
-use http::{HeaderValue, Method, Uri, request::Parts};
+use http::{HeaderValue, Method, Request, Uri};
 use std::sync::Arc;
 
 /// One layer's configuration and token cache, shared with the layer it came from.
@@ -30,7 +30,7 @@ impl Authenticator {
     }
 
     /// Adds the study and the fixed headers to a request head; the token comes later.
-    pub(crate) fn prepare(&self, head: &mut Parts) -> Result<(), Error> {
+    pub(crate) fn prepare(&self, head: &mut Request<()>) -> Result<(), Error> {
         self.config.prepare(head)
     }
 

@@ -137,6 +137,7 @@ where
 {
     type Output = Result<Response<ResBody>, Error>;
 
+    #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut state = self.project().state;
         loop {
@@ -244,14 +245,14 @@ where
     /// The retry after a 401, with a token from `lookup`; `None` if the copy cannot be sent,
     /// and the 401 is the answer.
     fn retry(self, lookup: Lookup, config: &Arc<Config>) -> Option<State<S, B>> {
-        let (mut parts, body) = self.copy.claim()?.into_parts();
+        let mut request = self.copy.claim()?;
         // The copy is of the request as the caller sent it: through the layer once more.
-        if let Err(error) = config.prepare(&mut parts) {
+        if let Err(error) = config.prepare(&mut request) {
             return Some(State::Failed { error: Some(error) });
         }
         let unsent = Unsent {
             inner: self.inner,
-            request: Request::from_parts(parts, body),
+            request,
             config: Arc::clone(config),
             copy: None,
         };

@@ -10,6 +10,28 @@ use crate::{blaze, error::Error};
 use http::Uri;
 use std::{fmt, net::IpAddr};
 
+/// The hosts of Blaze's gateways, as their URLs name them: the default scope's `https` hosts.
+const GATEWAY_HOSTS: [&str; 2] = [
+    https_host(blaze::STAGING_URL),
+    https_host(blaze::PRODUCTION_URL),
+];
+
+/// `url` without its `https://`, at compile time: the comparison on every request is then
+/// with a constant.
+const fn https_host(url: &'static str) -> &'static str {
+    let Some((scheme, host)) = url.as_bytes().split_at_checked("https://".len()) else {
+        panic!("a gateway URL is https://<host>");
+    };
+    assert!(
+        matches!(scheme, b"https://"),
+        "a gateway URL is https://<host>"
+    );
+    match std::str::from_utf8(host) {
+        Ok(host) => host,
+        Err(_) => panic!("a gateway URL is text"),
+    }
+}
+
 /// The origins a layer authenticates requests to.
 #[derive(Clone, Debug)]
 pub(crate) enum Scope {
@@ -37,10 +59,20 @@ impl Scope {
     /// absolute one does if its origin is in the scope; plain `http` to a host that is not
     /// loopback, in an open scope without `allow_http`, is an error: sending it without the
     /// credentials the user asked for everywhere would be as wrong as sending them in clear.
+    // Every request pays for this: the common case inline (`call` is big enough that the
+    // compiler would not inline it by itself), the full check out of line.
+    #[inline(always)]
     pub(crate) fn decide(&self, uri: &Uri, allow_http: bool) -> Result<Decision, Error> {
         if self.names_exactly(uri) {
             return Ok(Decision::Authenticate);
         }
+        self.decide_in_full(uri, allow_http)
+    }
+
+    /// [`decide`](Self::decide) for a URI that [`names_exactly`](Self::names_exactly) did not
+    /// settle.
+    #[inline(never)]
+    fn decide_in_full(&self, uri: &Uri, allow_http: bool) -> Result<Decision, Error> {
         let (Some(scheme), Some(host)) = (uri.scheme_str(), uri.host()) else {
             return Ok(Decision::Authenticate);
         };
@@ -52,9 +84,8 @@ impl Scope {
                 // The gateways first: the common case in production, and cheaper.
                 scheme.eq_ignore_ascii_case("https")
                     && port == 443
-                    && [blaze::STAGING_URL, blaze::PRODUCTION_URL]
+                    && GATEWAY_HOSTS
                         .iter()
-                        .filter_map(|url| url.strip_prefix("https://"))
                         .any(|gateway| gateway.eq_ignore_ascii_case(host))
                     || is_loopback(host)
             }
@@ -88,6 +119,7 @@ impl Scope {
     /// the origin's. Then the request is in the scope, and `decide` need not take `host()`
     /// and `port_u16()`, which parse the authority once each. Anything else (user info, a
     /// loopback host, another port) is for the full check.
+    #[inline(always)]
     fn names_exactly(&self, uri: &Uri) -> bool {
         let (Some(scheme), Some(authority)) = (uri.scheme_str(), uri.authority()) else {
             return false;
@@ -100,10 +132,12 @@ impl Scope {
         match self {
             Scope::Default => {
                 scheme_is("https")
-                    && [blaze::STAGING_URL, blaze::PRODUCTION_URL]
+                    && GATEWAY_HOSTS
                         .iter()
-                        .filter_map(|url| url.strip_prefix("https://"))
-                        .any(|gateway| authority_is(authority, gateway, 443, true))
+                        // As written, the common case: a compare with a constant, inline.
+                        .any(|gateway| {
+                            authority == *gateway || authority_is(authority, gateway, 443, true)
+                        })
             }
             Scope::Named(origins) => origins.iter().any(|origin| {
                 scheme_is(&origin.scheme)

@@ -6,7 +6,10 @@ use crate::{
     layer::{BlazeAuthLayer, Config},
     metrics::Metrics,
     replay::{CloneBody, Replay, RequestCopy},
-    token::{TokenSource, cache::Lookup},
+    token::{
+        TokenSource,
+        cache::{Lookup, TokenView},
+    },
 };
 use http::{Request, Response};
 use std::{
@@ -26,6 +29,8 @@ pub struct BlazeAuth<S, R = CloneBody> {
     inner: S,
     config: Arc<Config>,
     replay: R,
+    /// The cached token as this service last saw it: see [`TokenView`].
+    token: TokenView,
 }
 
 impl<S> BlazeAuth<S> {
@@ -52,6 +57,7 @@ impl<S, R> BlazeAuth<S, R> {
     pub(crate) fn from_parts(inner: S, config: Arc<Config>, replay: R) -> Self {
         Self {
             inner,
+            token: TokenView::new(&config.cache),
             config,
             replay,
         }
@@ -86,32 +92,33 @@ where
         let mut ready_inner = std::mem::replace(&mut self.inner, not_ready_inner);
 
         // A request for an origin the layer does not serve goes as it is.
-        let (mut parts, body) = request.into_parts();
-        match self.config.authenticates(&parts.uri) {
+        let replay = &self.replay;
+        match self.config.authenticates(request.uri()) {
             Ok(true) => {}
             Ok(false) => {
-                let request = Request::from_parts(parts, self.replay.once(body));
+                let request = request.map(|body| replay.once(body));
                 return ResponseFuture::pass_through(ready_inner.call(request));
             }
             Err(error) => return ResponseFuture::failed(error),
         }
         // A copy for the retry after a 401, of the request as the caller sent it.
-        let (body, copy) = if self.config.may_retry(&parts.method) {
-            let (body, copy) = self.replay.replayable(body);
-            (
-                body,
-                copy.map(|copy| RequestCopy::new(&parts, copy, R::claim)),
-            )
+        let mut copy = None;
+        let mut request = if self.config.may_retry(request.method()) {
+            request.map(|body| {
+                let (body, kept) = replay.replayable(body);
+                copy = kept;
+                body
+            })
         } else {
-            (self.replay.once(body), None)
+            request.map(|body| replay.once(body))
         };
+        let copy = copy.map(|body| RequestCopy::new(&request, body, R::claim));
         // The study and the layer's headers; then the token, cached or fetched.
-        if let Err(error) = self.config.prepare(&mut parts) {
+        if let Err(error) = self.config.prepare(&mut request) {
             return ResponseFuture::failed(error);
         }
-        let mut request = Request::from_parts(parts, body);
         let config = Arc::clone(&self.config);
-        match config.cache.get() {
+        match config.cache.get_through(&mut self.token) {
             Lookup::Ready(credential) => {
                 let sent = authorize(&mut request, credential);
                 let future = ready_inner.call(request);
@@ -316,6 +323,34 @@ mod tests {
         assert_eq!(response.body(), "token-2");
         assert_eq!(source.fetches(), 2);
         assert_eq!(calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_service_sends_the_token_another_clone_got_after_a_401() {
+        // Each service keeps the entry it last used: it must still see the cache's current
+        // one once another clone's 401 has replaced it.
+        let source = TestSource::new();
+        let refused = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let refuse = Arc::clone(&refused);
+        let (service, calls) = inner::<String, _>(move |token| {
+            if token == "token-1" && refuse.load(Ordering::SeqCst) {
+                StatusCode::UNAUTHORIZED
+            } else {
+                StatusCode::OK
+            }
+        });
+        let mut first = BlazeAuth::new(service, source.clone(), "S");
+        let mut other = first.clone();
+        let response = first.ready().await.unwrap().call(get()).await.unwrap();
+        assert_eq!(response.body(), "token-1");
+        refused.store(true, Ordering::SeqCst);
+        let response = other.ready().await.unwrap().call(get()).await.unwrap();
+        assert_eq!(response.body(), "token-2");
+        let response = first.ready().await.unwrap().call(get()).await.unwrap();
+        assert_eq!(response.body(), "token-2");
+        assert_eq!(source.fetches(), 2);
+        // The first request, the refused one and its retry, and the last: no 401 for it.
+        assert_eq!(calls.load(Ordering::SeqCst), 4);
     }
 
     #[tokio::test]

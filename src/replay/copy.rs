@@ -1,6 +1,6 @@
 //! [`RequestCopy`]: a request kept for the retry after a 401.
 
-use http::{Extensions, HeaderName, HeaderValue, Method, Request, Uri, Version, request::Parts};
+use http::{Extensions, HeaderName, HeaderValue, Method, Request, Uri, Version};
 
 /// A request as the caller sent it, kept for the retry after a 401: its head and a body for a
 /// second sending, made by a [`Replay`](super::Replay).
@@ -23,20 +23,23 @@ pub(crate) struct RequestCopy<B> {
 }
 
 impl<B> RequestCopy<B> {
-    pub(crate) fn new(parts: &Parts, body: B, claim: fn(&B) -> bool) -> Self {
-        let mut headers = Vec::with_capacity(parts.headers.len());
-        headers.extend(
-            parts
-                .headers
-                .iter()
-                .map(|(name, value)| (name.clone(), value.clone())),
-        );
+    /// A copy of `request`'s head, with `body`.
+    // Inline, so that the copy is built where the response future keeps it, not built and
+    // then moved there (the compiler did not inline it into `call` by itself).
+    #[inline(always)]
+    pub(crate) fn new<X>(request: &Request<X>, body: B, claim: fn(&B) -> bool) -> Self {
+        let mut headers = Vec::with_capacity(request.headers().len());
+        // Pushes into the room reserved: measured cheaper than `extend` with a mapped
+        // iterator (44 instructions per request with one header, callgrind).
+        for (name, value) in request.headers() {
+            headers.push((name.clone(), value.clone()));
+        }
         Self {
-            method: parts.method.clone(),
-            uri: parts.uri.clone(),
-            version: parts.version,
+            method: request.method().clone(),
+            uri: request.uri().clone(),
+            version: request.version(),
             headers,
-            extensions: parts.extensions.clone(),
+            extensions: request.extensions().clone(),
             body,
             claim,
         }

@@ -137,17 +137,17 @@ fn prepare(
     uri: Uri,
     extensions: &Extensions,
 ) -> Result<(), Error> {
-    let (mut head, ()) = http::Request::new(()).into_parts();
-    head.uri = uri;
-    head.headers = std::mem::take(request.headers_mut());
+    let mut head = http::Request::new(());
+    *head.uri_mut() = uri;
+    *head.headers_mut() = std::mem::take(request.headers_mut());
     if let Some(study) = extensions.get::<ResearchStudy>() {
-        head.extensions.insert(study.clone());
+        head.extensions_mut().insert(study.clone());
     }
     let prepared = auth.prepare(&mut head);
-    *request.headers_mut() = head.headers;
+    *request.headers_mut() = std::mem::take(head.headers_mut());
     prepared?;
-    if head.uri != *request.url().as_str() {
-        let url = Url::parse(&head.uri.to_string())
+    if *head.uri() != *request.url().as_str() {
+        let url = Url::parse(&head.uri().to_string())
             .map_err(|error| Error::invalid_uri(Some(BoxError::from(error))))?;
         *request.url_mut() = url;
     }
