@@ -267,6 +267,20 @@ impl PermanentError {
         Self(error.into())
     }
 
+    /// The wrapped error, to downcast to the source's own type. (The wrapper is transparent:
+    /// its `Display` and `source` are the wrapped error's, so a walk down the `source` chain
+    /// meets the wrapper in the wrapped error's place.)
+    ///
+    /// ```
+    /// use blaze_auth::PermanentError;
+    ///
+    /// let error = PermanentError::new(std::io::Error::other("no credential configured"));
+    /// assert!(error.get_ref().is::<std::io::Error>());
+    /// ```
+    pub fn get_ref(&self) -> &(dyn StdError + Send + Sync + 'static) {
+        &*self.0
+    }
+
     /// The wrapped error.
     pub fn into_inner(self) -> BoxError {
         self.0
