@@ -30,7 +30,9 @@ pub(crate) const DEFAULT_MAX_TOKEN_WAIT: Duration = Duration::from_secs(5);
 ///
 /// It wraps a service in [`BlazeAuth`], which adds `Authorization: Bearer <token>`, the
 /// `researchstudy` query parameter and any fixed headers to each request, and on a 401 fetches
-/// a new token and sends the request once more. All services made from one layer, and all
+/// a new token and sends the request once more (if no new token can be had, the request ends
+/// in that token error, [`Error::is_token`](crate::Error::is_token), rather than the 401).
+/// All services made from one layer, and all
 /// their clones, share one token cache. Only requests in its credential scope get any of
 /// that: by default Blaze's gateways and loopback hosts (see [`BlazeAuthLayerBuilder::origin`]). See the
 /// [crate docs](crate) for examples.

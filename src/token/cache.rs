@@ -1067,6 +1067,28 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_401_whose_refresh_fails_ends_in_the_token_error_not_the_401() {
+        let source = TestSource::new();
+        let down = source.clone();
+        // Every token is refused, and the token endpoint goes down with the first refusal.
+        let (service, calls) = inner::<String, _>(move |_| {
+            down.set_failing(true);
+            StatusCode::UNAUTHORIZED
+        });
+        for client in [
+            fail_fast(source.clone(), service.clone()),
+            // With the default bound the request rides the failures through first.
+            BlazeAuth::new(service, source.clone(), "S"),
+        ] {
+            source.set_failing(false);
+            calls.store(0, Ordering::SeqCst);
+            let error = client.oneshot(get()).await.unwrap_err();
+            assert!(error.is_token(), "{error}");
+            assert_eq!(calls.load(Ordering::SeqCst), 1, "the 401 was not retried");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_failed_refresh_ahead_of_expiry_keeps_the_cached_token() {
         let source = TestSource::expiring(Duration::from_secs(3600));
         let (service, calls) = inner::<String, _>(|_| StatusCode::OK);
