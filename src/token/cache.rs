@@ -199,18 +199,20 @@ impl TokenCache {
     }
 
     /// The token for a new request: the cached one if it is valid, else a wait for the fetch
-    /// that replaces it.
+    /// that replaces it. (The layer's services look through their own view instead,
+    /// [`get_through`](Self::get_through); the reqwest middleware has none.)
+    #[cfg(feature = "reqwest-middleware")]
     pub(crate) fn get(self: &Arc<Self>) -> Lookup {
         self.lookup(&self.current.load())
     }
 
-    /// [`get`](Self::get) through a service's own [`TokenView`]: while the token stays the
+    /// The token for a new request, through a service's own [`TokenView`]: while the token stays the
     /// same, a pointer compare instead of arc-swap's protected load.
     pub(crate) fn get_through(self: &Arc<Self>, view: &mut TokenView) -> Lookup {
         self.lookup(view.0.load())
     }
 
-    /// The lookup of [`get`](Self::get), with `current` as the cached token.
+    /// The lookup for a new request, with `current` as the cached token.
     // Inline in both: a frame of its own (with `Lookup` returned through memory) costs about
     // as much as the check itself.
     #[inline(always)]
