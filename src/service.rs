@@ -537,12 +537,25 @@ mod tests {
 
     #[test]
     fn services_layers_and_futures_are_send_and_sync() {
-        fn assert_send_sync<T: Send + Sync>() {}
-        type Inner = tower::util::BoxCloneSyncService<Request<String>, Response<()>, BoxError>;
-        assert_send_sync::<BlazeAuthLayer>();
-        assert_send_sync::<BlazeAuth<Inner>>();
+        use crate::{BufferBody, ReplayBody, future::ResponseFuture};
+        use bytes::Bytes;
+        use hyper_util::client::legacy::{Client, connect::HttpConnector};
         fn assert_send<T: Send>() {}
-        assert_send::<crate::future::ResponseFuture<Inner, String>>();
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<BlazeAuthLayer>();
+
+        // hyper-util's client: its future is `Sync` too, and so is ours.
+        type Hyper<B> = Client<HttpConnector, B>;
+        assert_send_sync::<BlazeAuth<Hyper<Full<Bytes>>>>();
+        assert_send_sync::<ResponseFuture<Hyper<Full<Bytes>>, Full<Bytes>>>();
+        assert_send_sync::<BlazeAuth<Hyper<ReplayBody<Full<Bytes>>>, BufferBody>>();
+        assert_send_sync::<ResponseFuture<Hyper<ReplayBody<Full<Bytes>>>, ReplayBody<Full<Bytes>>>>(
+        );
+
+        // A boxed service's future is a `dyn Future + Send`, not `Sync`: ours is `Send` only.
+        type Boxed = tower::util::BoxCloneSyncService<Request<String>, Response<()>, BoxError>;
+        assert_send_sync::<BlazeAuth<Boxed>>();
+        assert_send::<ResponseFuture<Boxed, String>>();
     }
 
     #[tokio::test]
