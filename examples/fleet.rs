@@ -21,6 +21,7 @@ use hyper_util::{
     rt::TokioExecutor,
 };
 use std::{
+    io::Read,
     net::{Ipv4Addr, TcpListener, TcpStream},
     process::{Child, Command, Stdio},
     time::Duration,
@@ -68,6 +69,7 @@ async fn run() -> Result<(), BoxError> {
     let mut per_minute = Vec::new();
     for shared in [false, true] {
         let before = stand_in.tokens_issued();
+        // If a spawn or a process fails, the guards kill and reap every process started.
         let mut fleet = Vec::new();
         for _ in 0..processes {
             let redis = if shared {
@@ -77,27 +79,22 @@ async fn run() -> Result<(), BoxError> {
             } else {
                 Vec::new()
             };
-            let child = Command::new(std::env::current_exe()?)
-                .arg("--process")
-                .arg(stand_in.base_url())
-                .arg(stand_in.api_url())
-                .arg(seconds.to_string())
-                .args(redis)
-                .stdout(Stdio::piped())
-                .spawn()?;
+            let child = ChildGuard::spawn(
+                Command::new(std::env::current_exe()?)
+                    .arg("--process")
+                    .arg(stand_in.base_url())
+                    .arg(stand_in.api_url())
+                    .arg(seconds.to_string())
+                    .args(redis)
+                    .stdout(Stdio::piped()),
+            )?;
             fleet.push(child);
         }
         // The children run while the stand-in serves them from this runtime.
         let requests = tokio::task::spawn_blocking(move || {
             let mut requests = 0;
-            for child in fleet {
-                let output = child.wait_with_output()?;
-                if !output.status.success() {
-                    return Err(format!("a process failed: {}", output.status).into());
-                }
-                requests += String::from_utf8_lossy(&output.stdout)
-                    .trim()
-                    .parse::<u64>()?;
+            for mut child in fleet {
+                requests += child.output()?.trim().parse::<u64>()?;
             }
             Ok::<_, BoxError>(requests)
         })
@@ -169,10 +166,41 @@ async fn requests(client: Process, api_url: String, run_for: Duration) -> Result
     Ok(done)
 }
 
+/// A child process, killed and waited for when dropped: none outlives the parent, whatever
+/// error ends its run.
+struct ChildGuard(Child);
+
+impl ChildGuard {
+    fn spawn(command: &mut Command) -> std::io::Result<Self> {
+        command.spawn().map(Self)
+    }
+
+    /// Waits for the process to exit; returns what it printed, or an error if it failed.
+    fn output(&mut self) -> Result<String, BoxError> {
+        let mut stdout = String::new();
+        if let Some(mut pipe) = self.0.stdout.take() {
+            pipe.read_to_string(&mut stdout)?;
+        }
+        let status = self.0.wait()?;
+        if !status.success() {
+            return Err(format!("a process failed: {status}").into());
+        }
+        Ok(stdout)
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        // Both are no-ops for a process already waited for.
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// A `redis-server` on a free port of 127.0.0.1, without persistence, stopped on drop.
 struct RedisServer {
     port: u16,
-    child: Child,
+    _process: ChildGuard,
 }
 
 impl RedisServer {
@@ -180,13 +208,14 @@ impl RedisServer {
         let port = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?
             .local_addr()?
             .port();
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .spawn()
-            .map_err(|e| format!("cannot start redis-server ({e}): install it or set REDIS_URL"))?;
-        let server = Self { port, child };
+        let _process = ChildGuard::spawn(
+            Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--save", "", "--appendonly", "no"])
+                .stdout(Stdio::null()),
+        )
+        .map_err(|e| format!("cannot start redis-server ({e}): install it or set REDIS_URL"))?;
+        let server = Self { port, _process };
         for _ in 0..500 {
             if TcpStream::connect((Ipv4Addr::LOCALHOST, port)).is_ok() {
                 return Ok(server);
@@ -198,12 +227,5 @@ impl RedisServer {
 
     fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/", self.port)
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }

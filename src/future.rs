@@ -23,6 +23,11 @@ use tower::{Service, util::Oneshot};
 /// [`BlazeAuth::call`](crate::BlazeAuth) makes the first call, or finds it must wait for a
 /// token first; this future carries on from there: the response, and after a 401 the one
 /// retry.
+///
+/// It holds the inner service, its future and the request body, and is `Send` when they all
+/// are, `Sync` when they all are: so with hyper-util's legacy `Client` it is both, while over a
+/// [`BoxCloneSyncService`](tower::util::BoxCloneSyncService), whose future is a
+/// `dyn Future + Send`, it is `Send` only.
 #[pin_project]
 pub struct ResponseFuture<S, B>
 where

@@ -148,7 +148,7 @@ mod tests {
     use http::{HeaderValue, Method, StatusCode, header::AUTHORIZATION};
     use http_body_util::{BodyExt, Full, StreamBody};
     use std::{convert::Infallible, error::Error as _, sync::atomic::Ordering};
-    use tokio_test::assert_ready_ok;
+    use tokio_test::{assert_pending, assert_ready, assert_ready_ok};
     use tower::{ServiceBuilder, ServiceExt, service_fn};
 
     #[tokio::test]
@@ -455,19 +455,29 @@ mod tests {
 
     #[tokio::test]
     async fn backpressure_passes_through_and_the_ready_service_is_called() {
+        // Polled by hand, never awaited: a broken layer fails here rather than hangs. The
+        // mock panics if a clone that was not polled ready is called.
         let (mock, mut handle) = tower_test::mock::pair::<Request<String>, Response<()>>();
         let mut client = BlazeAuth::new(mock, TestSource::new(), "S");
         let mut task = tokio_test::task::spawn(());
         handle.allow(0);
-        task.enter(|cx, _| assert!(client.poll_ready(cx).is_pending()));
+        assert_pending!(task.enter(|cx, _| client.poll_ready(cx)));
         handle.allow(1);
-        task.enter(|cx, _| assert_ready_ok!(client.poll_ready(cx)));
-        let response = tokio::spawn(client.call(get()));
-        let (request, send) = handle.next_request().await.unwrap();
+        assert!(task.is_woken(), "the wake-up reaches the caller");
+        assert_ready_ok!(task.enter(|cx, _| client.poll_ready(cx)));
+
+        // The cache is cold: the request waits for the fetch, a task of its own, which one
+        // yield to the (current-thread) scheduler runs to its end.
+        let mut response = tokio_test::task::spawn(client.call(get()));
+        assert_pending!(response.poll());
+        tokio::task::yield_now().await;
+        assert!(response.is_woken(), "the fetched token wakes the request");
+        assert_pending!(response.poll());
+        let (request, send) = assert_ready!(handle.poll_request()).unwrap();
         assert_eq!(request.uri(), "/Patient?researchstudy=S");
         assert_eq!(sent_token(&request), "token-1");
         send.send_response(Response::new(()));
-        assert_eq!(response.await.unwrap().unwrap().status(), StatusCode::OK);
+        assert_eq!(assert_ready_ok!(response.poll()).status(), StatusCode::OK);
     }
 
     #[tokio::test]
@@ -537,12 +547,25 @@ mod tests {
 
     #[test]
     fn services_layers_and_futures_are_send_and_sync() {
-        fn assert_send_sync<T: Send + Sync>() {}
-        type Inner = tower::util::BoxCloneSyncService<Request<String>, Response<()>, BoxError>;
-        assert_send_sync::<BlazeAuthLayer>();
-        assert_send_sync::<BlazeAuth<Inner>>();
+        use crate::{BufferBody, ReplayBody, future::ResponseFuture};
+        use bytes::Bytes;
+        use hyper_util::client::legacy::{Client, connect::HttpConnector};
         fn assert_send<T: Send>() {}
-        assert_send::<crate::future::ResponseFuture<Inner, String>>();
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<BlazeAuthLayer>();
+
+        // hyper-util's client: its future is `Sync` too, and so is ours.
+        type Hyper<B> = Client<HttpConnector, B>;
+        assert_send_sync::<BlazeAuth<Hyper<Full<Bytes>>>>();
+        assert_send_sync::<ResponseFuture<Hyper<Full<Bytes>>, Full<Bytes>>>();
+        assert_send_sync::<BlazeAuth<Hyper<ReplayBody<Full<Bytes>>>, BufferBody>>();
+        assert_send_sync::<ResponseFuture<Hyper<ReplayBody<Full<Bytes>>>, ReplayBody<Full<Bytes>>>>(
+        );
+
+        // A boxed service's future is a `dyn Future + Send`, not `Sync`: ours is `Send` only.
+        type Boxed = tower::util::BoxCloneSyncService<Request<String>, Response<()>, BoxError>;
+        assert_send_sync::<BlazeAuth<Boxed>>();
+        assert_send::<ResponseFuture<Boxed, String>>();
     }
 
     #[tokio::test]
