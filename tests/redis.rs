@@ -47,7 +47,17 @@ async fn eight_processes_fetch_one_token(redis: &(impl Backend + Sync)) {
 
     let mut processes = JoinSet::new();
     for _ in 0..8 {
-        let shared = shared(redis, &key, &endpoint).build().unwrap();
+        // This test proves that one process fetches, not how soon a lost lock or a dead
+        // Redis is got over (other tests do), so nothing here may run out on a starved
+        // machine: with the 300 ms test lease, a holder starved for 300 ms lost the lock and
+        // a second process fetched. A 10 s lease (the default), op timeout and 30 s wait
+        // (above the lease, as `follower_wait` asks) outlast any stall the test survives.
+        let shared = shared(redis, &key, &endpoint)
+            .lease(Duration::from_secs(10))
+            .op_timeout(Duration::from_secs(10))
+            .follower_wait(Duration::from_secs(30))
+            .build()
+            .unwrap();
         let client = client(shared.clone(), &endpoint);
         processes.spawn(async move {
             let mut requests = JoinSet::new();
