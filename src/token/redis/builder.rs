@@ -222,15 +222,15 @@ impl<S> RedisSharedBuilder<S> {
             Target::Connection(connection) => Redis::given(connection),
         };
         let digest = self.key.digest();
-        let prefix = self.key_prefix;
+        // The digest is a hash tag: on a Redis Cluster all three keys live on one node.
+        let key = |name: &str| format!("{}{{{digest}}}:{name}", self.key_prefix);
         Ok(RedisShared {
             inner: Arc::new(Shared {
+                token_key: key("token"),
+                lock_key: key("lock"),
+                failure_key: key("failures"),
                 source: self.source,
                 redis,
-                // The digest is a hash tag: on a Redis Cluster both keys live on one node.
-                token_key: format!("{prefix}{{{digest}}}:token"),
-                lock_key: format!("{prefix}{{{digest}}}:lock"),
-                failure_key: format!("{prefix}{{{digest}}}:failures"),
                 failure_cooldown: self.failure_cooldown,
                 lease: self.lease,
                 follower_wait: self.follower_wait,
