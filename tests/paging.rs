@@ -275,6 +275,26 @@ async fn transient_errors_are_retried_a_bounded_number_of_times() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn without_retry_after_the_waits_double_from_half_a_second_half_of_each_random() {
+    let blaze = Blaze::start(StandIn::builder().fail_page(
+        2,
+        100,
+        ApiFailure::Status(StatusCode::SERVICE_UNAVAILABLE),
+    ))
+    .await;
+    let start = Instant::now();
+
+    search_all(&blaze, "Patient?_count=100").await.unwrap_err();
+
+    // Waits of 0.5, 1, 2 and 4 s, each between half and all of it: 3.75 to 7.5 s in all.
+    let waited = start.elapsed();
+    assert!(
+        waited >= Duration::from_millis(3750) && waited < Duration::from_millis(7600),
+        "{waited:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_4xx_other_than_401_and_429_is_not_retried() {
     for status in [
         StatusCode::BAD_REQUEST,
