@@ -560,7 +560,7 @@ impl ClientCredentialsBuilder {
             form.append_pair(name, value);
         }
 
-        let echoes = Echoes::new(&self.client_id, self.secret.secret());
+        let echoes = Echoes::new(self.secret.secret());
         Ok(ClientCredentials {
             inner: Arc::new(Inner {
                 client,

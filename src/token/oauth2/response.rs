@@ -342,35 +342,17 @@ pub(crate) struct ParseOptions<'a> {
 /// The secret goes raw in nothing, but a server may decode what it got before echoing; it
 /// goes form-urlencoded in a `client_secret_post` body (space as `+`, or `%20` after a
 /// re-encoding), and base64-encoded in a `client_secret_basic` header, raw or form-encoded
-/// first (RFC 6749 section 2.3.1). Text is checked as it stands for every base64 form, and
-/// also percent-decoded (with and without `+` as space) and with JSON's `\/` undone, for the
-/// secret itself.
+/// first (RFC 6749 section 2.3.1). So the secret is looked for in the text as it stands, in
+/// its readings (percent-decoded, JSON escapes undone), and in every run of base64 it holds,
+/// decoded: a Basic header echoed whole or cut short.
 pub(crate) struct Echoes {
     secret: Box<str>,
-    /// The base64 forms of the Basic credentials: standard, unpadded and URL-safe.
-    encoded: Vec<Box<str>>,
 }
 
 impl Echoes {
-    pub(crate) fn new(client_id: &str, secret: &str) -> Self {
-        use base64::Engine as _;
-        use base64::engine::general_purpose::{STANDARD_NO_PAD, URL_SAFE_NO_PAD};
-        let mut encoded = Vec::new();
-        if !secret.is_empty() {
-            let form = |s: &str| form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
-            for credentials in [
-                format!("{client_id}:{secret}"),
-                format!("{}:{}", form(client_id), form(secret)),
-            ] {
-                // Unpadded forms are prefixes of the padded one: they find it as well.
-                for engine in [STANDARD_NO_PAD, URL_SAFE_NO_PAD] {
-                    encoded.push(engine.encode(&credentials).into());
-                }
-            }
-        }
+    pub(crate) fn new(secret: &str) -> Self {
         Self {
             secret: secret.into(),
-            encoded,
         }
     }
 
@@ -382,9 +364,11 @@ impl Echoes {
     /// (a server may re-encode what it got) are searched. Any [`PARTIAL_CHARS`] characters of
     /// the secret in a row count: servers cut long values short.
     pub(crate) fn in_text(&self, text: &str) -> bool {
-        if self.encoded.iter().any(|encoded| text.contains(&**encoded)) {
-            return true;
-        }
+        self.in_readings(text) || base64_runs_decoded(text).any(|run| self.in_readings(&run))
+    }
+
+    /// [`in_text`](Self::in_text) but for base64.
+    fn in_readings(&self, text: &str) -> bool {
         [text.to_owned(), json_unescaped(text)].iter().any(|base| {
             let once = percent_decoded(base, false);
             let twice = percent_decoded(&once, true);
@@ -409,6 +393,33 @@ impl Echoes {
             view.contains(&self.secret[chars[start]..end])
         })
     }
+}
+
+/// The runs of base64 (standard or URL-safe) in `text`, decoded as far as they hold whole
+/// groups of four, at each of the four alignments: a run may begin before the credentials do.
+/// Runs shorter than 12 characters (9 bytes) are left out: they cannot hold [`PARTIAL_CHARS`]
+/// characters of a secret after a client id.
+fn base64_runs_decoded(text: &str) -> impl Iterator<Item = String> + '_ {
+    use base64::Engine as _;
+    use base64::engine::general_purpose::STANDARD_NO_PAD;
+    text.split(|c: char| !(c.is_ascii_alphanumeric() || matches!(c, '+' | '/' | '-' | '_')))
+        .filter(|run| run.len() >= 12)
+        .flat_map(|run| {
+            // URL-safe to standard: the two alphabets differ in two characters.
+            let run: String = run
+                .chars()
+                .map(|c| match c {
+                    '-' => '+',
+                    '_' => '/',
+                    c => c,
+                })
+                .collect();
+            (0..4).filter_map(move |skip| {
+                let groups = &run[skip..skip + (run.len() - skip) / 4 * 4];
+                let bytes = STANDARD_NO_PAD.decode(groups).ok()?;
+                Some(String::from_utf8_lossy(&bytes).into_owned())
+            })
+        })
 }
 
 /// How many characters of the client secret in a row an echo must hold to count as one.
@@ -651,7 +662,7 @@ mod tests {
 
     fn options() -> ParseOptions<'static> {
         static ECHOES: std::sync::LazyLock<Echoes> =
-            std::sync::LazyLock::new(|| Echoes::new("id", SECRET));
+            std::sync::LazyLock::new(|| Echoes::new(SECRET));
         ParseOptions {
             default_lifetime: Duration::from_secs(3600),
             echoes: &ECHOES,
@@ -870,7 +881,10 @@ mod tests {
             STANDARD.encode(&basic_form),
             STANDARD_NO_PAD.encode(&basic_form),
             URL_SAFE.encode(&basic_raw),
-            ODD_SECRET.replace('/', "\\/"),     // JSON-escaped
+            STANDARD.encode(&basic_raw)[..24].to_owned(), // a Basic header cut short
+            URL_SAFE.encode(&basic_form)[..28].to_owned(),
+            format!("x{}", &STANDARD.encode(&basic_raw)[..26]), // glued to what went before
+            ODD_SECRET.replace('/', "\\/"),                     // JSON-escaped
             ODD_SECRET.replace('+', "\\u002B"), // System.Text.Json's default escaping
             ODD_SECRET.replace('~', "\\u007e").replace(' ', "\\u0020"), // any \uXXXX
             form(ODD_SECRET).replace('%', "%25"), // form-encoded twice
@@ -878,7 +892,7 @@ mod tests {
     }
 
     fn parse_with(status: u16, content_type: &str, body: &str) -> TokenError {
-        let echoes = Echoes::new("my id", ODD_SECRET);
+        let echoes = Echoes::new(ODD_SECRET);
         let options = ParseOptions {
             default_lifetime: Duration::from_secs(3600),
             echoes: &echoes,
