@@ -103,9 +103,13 @@ impl Scope {
         if inside {
             Ok(Decision::Authenticate)
         } else {
-            let port = uri.port_u16().map(|p| format!(":{p}")).unwrap_or_default();
+            // The port is formatted in the event's fields, which only an enabled event
+            // evaluates: with DEBUG off, a request passed through allocates nothing here.
             tracing::debug!(
-                origin = %format_args!("{scheme}://{host}{port}"),
+                origin = %format_args!(
+                    "{scheme}://{host}{}",
+                    uri.port_u16().map(|p| format!(":{p}")).unwrap_or_default()
+                ),
                 "request outside the credential scope: sent without credentials"
             );
             Ok(Decision::PassThrough)
