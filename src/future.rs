@@ -111,13 +111,7 @@ where
         inner: S,
         copy: Option<RequestCopy<B>>,
     ) -> Self {
-        let kept = copy.map(|copy| Kept { inner, copy });
-        Self::from(State::Called {
-            future,
-            sent,
-            config,
-            kept,
-        })
+        Self::from(State::called(future, sent, config, inner, copy))
     }
 
     /// Waits for `wait`'s token, then sends `unsent`.
@@ -200,6 +194,30 @@ where
     }
 }
 
+impl<S, B> State<S, B>
+where
+    S: Service<Request<B>>,
+{
+    /// The state of a request sent with the token `sent`: `future` is `inner`'s call, and
+    /// `copy`, if any, is kept with `inner` for a retry after a 401.
+    #[inline]
+    fn called(
+        future: S::Future,
+        sent: Sent,
+        config: Arc<Config>,
+        inner: S,
+        copy: Option<RequestCopy<B>>,
+    ) -> Self {
+        let kept = copy.map(|copy| Kept { inner, copy });
+        State::Called {
+            future,
+            sent,
+            config,
+            kept,
+        }
+    }
+}
+
 impl<S, B> Unsent<S, B>
 where
     S: Service<Request<B>>,
@@ -215,13 +233,7 @@ where
         } = self;
         let sent = authorize(&mut request, credential);
         let future = inner.call(request);
-        let kept = copy.map(|copy| Kept { inner, copy });
-        State::Called {
-            future,
-            sent,
-            config,
-            kept,
-        }
+        State::called(future, sent, config, inner, copy)
     }
 
     /// Sends the request again, to the service once it is ready.

@@ -48,8 +48,6 @@ pub(crate) struct Config {
     pub(crate) cache: Arc<TokenCache>,
     /// The origins credentials go to.
     scope: Scope,
-    /// Whether plain `http` to a host that is not loopback may get credentials.
-    allow_http: bool,
     study: Option<ResearchStudy>,
     headers: HeaderMap,
     idempotent_only: bool,
@@ -133,7 +131,7 @@ impl Config {
     /// scope, unless allowed.
     #[inline(always)]
     pub(crate) fn authenticates(&self, uri: &Uri) -> Result<bool, Error> {
-        let decision = self.scope.decide(uri, self.allow_http)?;
+        let decision = self.scope.decide(uri)?;
         Ok(decision == Decision::Authenticate)
     }
 
@@ -470,7 +468,9 @@ impl BlazeAuthLayerBuilder {
             .map(|url| Origin::parse(url, self.allow_http))
             .collect::<Result<Vec<_>, _>>()?;
         let scope = match origins.is_empty() {
-            _ if self.any_origin => Scope::Any,
+            _ if self.any_origin => Scope::Any {
+                allow_http: self.allow_http,
+            },
             true => Scope::Default,
             false => Scope::Named(origins),
         };
@@ -478,7 +478,6 @@ impl BlazeAuthLayerBuilder {
         let config = Config {
             cache: Arc::new(TokenCache::new(self.source, self.cache)),
             scope,
-            allow_http: self.allow_http,
             study,
             headers: self.headers,
             idempotent_only: self.idempotent_only,

@@ -39,8 +39,9 @@ pub(crate) enum Scope {
     Default,
     /// The origins the user named, and only those.
     Named(Vec<Origin>),
-    /// Every origin: the user opted in.
-    Any,
+    /// Every origin: the user opted in; plain `http` to a host that is not loopback only
+    /// with `allow_http`.
+    Any { allow_http: bool },
 }
 
 /// What a request to some URI gets.
@@ -62,17 +63,17 @@ impl Scope {
     // Every request pays for this: the common case inline (`call` is big enough that the
     // compiler would not inline it by itself), the full check out of line.
     #[inline(always)]
-    pub(crate) fn decide(&self, uri: &Uri, allow_http: bool) -> Result<Decision, Error> {
+    pub(crate) fn decide(&self, uri: &Uri) -> Result<Decision, Error> {
         if self.names_exactly(uri) {
             return Ok(Decision::Authenticate);
         }
-        self.decide_in_full(uri, allow_http)
+        self.decide_in_full(uri)
     }
 
     /// [`decide`](Self::decide) for a URI that [`names_exactly`](Self::names_exactly) did not
     /// settle.
     #[inline(never)]
-    fn decide_in_full(&self, uri: &Uri, allow_http: bool) -> Result<Decision, Error> {
+    fn decide_in_full(&self, uri: &Uri) -> Result<Decision, Error> {
         let (Some(scheme), Some(host)) = (uri.scheme_str(), uri.host()) else {
             return Ok(Decision::Authenticate);
         };
@@ -92,9 +93,9 @@ impl Scope {
             (Scope::Named(origins), Some(port)) => {
                 origins.iter().any(|o| o.matches(scheme, host, port))
             }
-            (Scope::Any, Some(_)) => {
+            (Scope::Any { allow_http }, Some(_)) => {
                 let cleartext = scheme.eq_ignore_ascii_case("http") && !is_loopback(host);
-                if cleartext && !allow_http {
+                if cleartext && !*allow_http {
                     return Err(Error::insecure_url());
                 }
                 true
@@ -103,9 +104,13 @@ impl Scope {
         if inside {
             Ok(Decision::Authenticate)
         } else {
-            let port = uri.port_u16().map(|p| format!(":{p}")).unwrap_or_default();
+            // The port is formatted in the event's fields, which only an enabled event
+            // evaluates: with DEBUG off, a request passed through allocates nothing here.
             tracing::debug!(
-                origin = %format_args!("{scheme}://{host}{port}"),
+                origin = %format_args!(
+                    "{scheme}://{host}{}",
+                    uri.port_u16().map(|p| format!(":{p}")).unwrap_or_default()
+                ),
                 "request outside the credential scope: sent without credentials"
             );
             Ok(Decision::PassThrough)
@@ -148,7 +153,7 @@ impl Scope {
                         default_port(&origin.scheme) == Some(origin.port),
                     )
             }),
-            Scope::Any => false,
+            Scope::Any { .. } => false,
         }
     }
 }
@@ -261,9 +266,9 @@ pub(crate) fn without_user_info(url: &str) -> std::borrow::Cow<'_, str> {
 mod tests {
     use super::*;
 
-    fn decide(scope: &Scope, uri: &str, allow_http: bool) -> Result<Decision, Error> {
+    fn decide(scope: &Scope, uri: &str) -> Result<Decision, Error> {
         let uri = uri.parse().unwrap_or_else(|e| panic!("{uri}: {e}"));
-        scope.decide(&uri, allow_http)
+        scope.decide(&uri)
     }
 
     #[test]
@@ -279,7 +284,7 @@ mod tests {
             "/Patient",
         ] {
             assert_eq!(
-                decide(&Scope::Default, inside, false).unwrap(),
+                decide(&Scope::Default, inside).unwrap(),
                 Decision::Authenticate,
                 "{inside}"
             );
@@ -302,7 +307,7 @@ mod tests {
             "http://2130706433/x",
         ] {
             assert_eq!(
-                decide(&Scope::Default, outside, true).unwrap(),
+                decide(&Scope::Default, outside).unwrap(),
                 Decision::PassThrough,
                 "{outside}"
             );
@@ -336,7 +341,7 @@ mod tests {
             "/x",
         ];
         let mut quick = 0;
-        for scope in [&Scope::Default, &named, &Scope::Any] {
+        for scope in [&Scope::Default, &named, &Scope::Any { allow_http: false }] {
             for uri in uris {
                 let parsed: Uri = uri.parse().unwrap();
                 if scope.names_exactly(&parsed) {
@@ -360,7 +365,7 @@ mod tests {
                                 o.matches(parsed.scheme_str().unwrap(), host, port)
                             })
                         }),
-                        Scope::Any => false,
+                        Scope::Any { .. } => false,
                     };
                     assert!(full, "{scope:?} {uri}");
                 }
@@ -373,21 +378,33 @@ mod tests {
     #[test]
     fn any_origin_refuses_cleartext_to_other_hosts_unless_allowed() {
         assert_eq!(
-            decide(&Scope::Any, "https://anywhere.example/x", false).unwrap(),
+            decide(
+                &Scope::Any { allow_http: false },
+                "https://anywhere.example/x"
+            )
+            .unwrap(),
             Decision::Authenticate
         );
         assert_eq!(
-            decide(&Scope::Any, "http://127.0.0.1/x", false).unwrap(),
+            decide(&Scope::Any { allow_http: false }, "http://127.0.0.1/x").unwrap(),
             Decision::Authenticate
         );
-        let error = decide(&Scope::Any, "http://anywhere.example/x", false).unwrap_err();
+        let error = decide(
+            &Scope::Any { allow_http: false },
+            "http://anywhere.example/x",
+        )
+        .unwrap_err();
         assert!(error.is_config(), "{error:?}");
         assert_eq!(
             error.to_string(),
             "plain http is allowed for loopback hosts only"
         );
         assert_eq!(
-            decide(&Scope::Any, "http://anywhere.example/x", true).unwrap(),
+            decide(
+                &Scope::Any { allow_http: true },
+                "http://anywhere.example/x"
+            )
+            .unwrap(),
             Decision::Authenticate
         );
     }
@@ -419,15 +436,17 @@ mod tests {
         for (scope, uri) in [
             (&Scope::Default, "ftp://127.0.0.1:21/x"),
             (&Scope::Default, "ws://localhost:8080/x"),
-            (&Scope::Any, "ws://anywhere.example:80/x"),
-            (&Scope::Any, "foo://anywhere.example:443/x"),
+            (
+                &Scope::Any { allow_http: false },
+                "ws://anywhere.example:80/x",
+            ),
+            (
+                &Scope::Any { allow_http: false },
+                "foo://anywhere.example:443/x",
+            ),
             (&named, "wss://blaze.example:443/x"),
         ] {
-            assert_eq!(
-                decide(scope, uri, false).unwrap(),
-                Decision::PassThrough,
-                "{uri}"
-            );
+            assert_eq!(decide(scope, uri).unwrap(), Decision::PassThrough, "{uri}");
         }
     }
 
