@@ -10,6 +10,8 @@
 
 #[path = "support/redis_server.rs"]
 mod redis_server;
+#[path = "support/slow_proxy.rs"]
+mod slow_proxy;
 
 use blaze_auth::{
     AccessToken, BlazeAuth, BlazeAuthLayer, EncryptionKey, RedisShared, SharedKey, TokenSource,
@@ -17,6 +19,7 @@ use blaze_auth::{
 };
 use http::{Request, Response, StatusCode, header::AUTHORIZATION};
 use redis_server::{Backend, RedisCluster, RedisServer, free_port};
+use slow_proxy::{Delays, SlowProxy};
 use std::{
     collections::HashSet,
     convert::Infallible,
@@ -177,6 +180,63 @@ async fn a_fetch_slower_than_the_lease_keeps_the_lock_by_renewing_it() {
     assert_eq!(endpoint.fetches(), 1);
     let metrics = b.metrics();
     assert_eq!((metrics.waits, metrics.shared_hits), (1, 1), "{metrics:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_slow_within_the_op_timeout_does_not_let_the_lease_run_out_under_a_fetch() {
+    let redis = RedisServer::start();
+    let key = key();
+    // Between A and Redis, each of A's steps around taking the lock takes 3/4 of its op
+    // timeout, which is just under a third of the lease: the reply to the SET that takes the
+    // lock, the reply to the read after it, and each script call (a renewal) on its way to
+    // Redis. A renewal due a third of a lease after the fetch started, not after the SET,
+    // would reach Redis 750 + 750 + 1000 + 750 ms after the lock was taken: 250 ms after
+    // the 3 s lease ran out, long enough for B to take the lock and fetch a second token.
+    // Counted from the SET, the first one is due before the read ends and reaches Redis
+    // 750 + 750 + 750 ms after the lock was taken, 750 ms before the lease runs out.
+    let lease = Duration::from_secs(3);
+    let op_timeout = Duration::from_millis(990);
+    let slow = SlowProxy::start(
+        redis.port,
+        Delays {
+            requests: &["EVALSHA"],
+            replies: &["SET", "GET"],
+            by: Duration::from_millis(750),
+        },
+    )
+    .await;
+    // The fetch outlasts the lease.
+    let endpoint = Endpoint::new(Duration::from_secs(4));
+    let process = |url: &str| {
+        shared(&redis, &key, &endpoint)
+            .redis_url(url)
+            .lease(lease)
+            .op_timeout(op_timeout)
+            .follower_wait(Duration::from_secs(30))
+            .build()
+            .unwrap()
+    };
+    let (a, b) = (process(&slow.url()), process(&redis.url()));
+    let first = {
+        let a = a.clone();
+        tokio::spawn(async move { a.fetch(None).await })
+    };
+    while endpoint.fetches() == 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // B, straight to Redis, polls every 10 ms: it takes the lock as soon as the lease runs out.
+    let second = b.fetch(None).await.unwrap();
+    let first = first.await.unwrap().unwrap();
+    let (a, b) = (a.metrics(), b.metrics());
+    assert_eq!(
+        endpoint.fetches(),
+        1,
+        "B took the lock and fetched: A's lease ran out under its fetch\nA: {a:?}\nB: {b:?}"
+    );
+    assert_eq!((first.secret(), second.secret()), ("token-1", "token-1"));
+    // Each of A's operations answered within its op timeout: Redis was slow, not down.
+    assert_eq!((a.redis_errors, a.fallbacks), (0, 0), "{a:?}");
+    assert_eq!((b.waits, b.shared_hits), (1, 1), "{b:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

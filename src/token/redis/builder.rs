@@ -118,9 +118,9 @@ impl<S> RedisSharedBuilder<S> {
 
     /// Sets the lease of the lock a process holds while it fetches the token.
     ///
-    /// The holder renews it every third of a lease while its fetch runs, so a slow fetch
-    /// keeps the lock; a holder that crashed loses it at most one lease later, and a waiting
-    /// process takes over. Default: 10 s.
+    /// The holder renews it every third of a lease, counted from when it took the lock, while
+    /// its fetch runs, so a slow fetch keeps the lock; a holder that crashed loses it at most
+    /// one lease later, and a waiting process takes over. Default: 10 s.
     pub fn lease(mut self, lease: Duration) -> Self {
         self.lease = lease.max(Duration::from_millis(3));
         self
