@@ -52,13 +52,14 @@ async fn eight_processes_fetch_one_token(redis: &(impl Backend + Sync)) {
     for _ in 0..8 {
         // This test proves that one process fetches, not how soon a lost lock or a dead
         // Redis is got over (other tests do), so nothing here may run out on a starved
-        // machine: with the 300 ms test lease, a holder starved for 300 ms lost the lock and
-        // a second process fetched. A 10 s lease (the default), op timeout and 30 s wait
-        // (above the lease, as `follower_wait` asks) outlast any stall the test survives.
+        // machine: with a 300 ms lease, a holder starved for 300 ms lost the lock and a
+        // second process fetched. A 30 s lease, 9 s op timeout (under a third of the lease,
+        // as `build` requires) and 60 s wait (above the lease, as `follower_wait` asks)
+        // outlast any stall the test survives.
         let shared = shared(redis, &key, &endpoint)
-            .lease(Duration::from_secs(10))
-            .op_timeout(Duration::from_secs(10))
-            .follower_wait(Duration::from_secs(30))
+            .lease(Duration::from_secs(30))
+            .op_timeout(Duration::from_secs(9))
+            .follower_wait(Duration::from_secs(60))
             .build()
             .unwrap();
         let client = client(shared.clone(), &endpoint);
@@ -118,10 +119,12 @@ async fn a_crashed_lock_holder_is_taken_over_after_its_lease() {
             }
         })
     };
-    // A long lease for this test only, so that the lock is surely still there when checked.
-    let lease = Duration::from_secs(2);
+    // A lease shorter than the tests' 10 s, so that B takes over soon, and long enough that
+    // the lock is surely still there when checked; an op timeout under a third of it.
+    let (lease, op_timeout) = (Duration::from_secs(2), Duration::from_millis(600));
     let a = shared_with(&redis, &key, hanging)
         .lease(lease)
+        .op_timeout(op_timeout)
         .build()
         .unwrap();
     let crashed = tokio::spawn(async move { a.fetch(None).await });
@@ -134,6 +137,7 @@ async fn a_crashed_lock_holder_is_taken_over_after_its_lease() {
     let endpoint = Endpoint::new(Duration::ZERO);
     let b = shared(&redis, &key, &endpoint)
         .lease(lease)
+        .op_timeout(op_timeout)
         .build()
         .unwrap();
     let token = b.fetch(None).await.unwrap();
@@ -165,6 +169,7 @@ async fn a_fetch_slower_than_the_lease_keeps_the_lock_by_renewing_it() {
     let process = || {
         shared(&redis, &key, &endpoint)
             .lease(Duration::from_secs(1))
+            .op_timeout(Duration::from_millis(300))
             .follower_wait(Duration::from_secs(30))
             .build()
             .unwrap()
@@ -838,8 +843,9 @@ fn shared(
     shared_with(redis, key, endpoint.source())
 }
 
-/// Test settings: a short lease, so a takeover is quick; a generous op timeout, so a busy
-/// machine does not look like a Redis outage.
+/// Test settings: a generous op timeout, so a busy machine does not look like a Redis
+/// outage, and the default lease, over three op timeouts as `build` requires. The tests of a
+/// takeover set a shorter lease, so that it is quick.
 fn shared_with<S: TokenSource>(
     redis: &impl Backend,
     key: &SharedKey,
@@ -848,7 +854,7 @@ fn shared_with<S: TokenSource>(
     redis
         .configure(RedisShared::builder(source, key.clone()))
         .key_prefix("test:")
-        .lease(Duration::from_millis(300))
+        .lease(Duration::from_secs(10))
         .poll_interval(Duration::from_millis(10))
         .op_timeout(Duration::from_secs(2))
 }
