@@ -37,6 +37,7 @@ enum Kind {
     #[cfg_attr(feature = "rustls", allow(dead_code))]
     NoHttpClient,
     InvalidKey,
+    LeaseTooShort,
     ReservedParam {
         name: &'static str,
         instead: &'static str,
@@ -106,6 +107,11 @@ impl Error {
     #[cfg(feature = "redis")]
     pub(crate) fn invalid_key() -> Self {
         Self::new(Kind::InvalidKey, None)
+    }
+
+    #[cfg(feature = "redis")]
+    pub(crate) fn lease_too_short() -> Self {
+        Self::new(Kind::LeaseTooShort, None)
     }
 
     #[cfg(feature = "rustls")]
@@ -182,8 +188,8 @@ impl Error {
     /// header or an origin given to the layer, a URL (not absolute `http` or `https`, user
     /// info, plain `http` to a host that is not loopback), TLS that cannot be set up, no HTTP
     /// client for the token request with the `rustls` feature off, a Redis encryption key, a
-    /// form parameter that [`ClientCredentials`] sets itself, a
-    /// `BLAZE_*` environment variable. The message says which, and names the variable or
+    /// Redis lock lease not longer than three op timeouts, a form parameter that
+    /// [`ClientCredentials`] sets itself, a `BLAZE_*` environment variable. The message says which, and names the variable or
     /// parameter, never the value.
     ///
     #[cfg_attr(
@@ -205,6 +211,7 @@ impl Error {
                 | Kind::Tls
                 | Kind::NoHttpClient
                 | Kind::InvalidKey
+                | Kind::LeaseTooShort
                 | Kind::ReservedParam { .. }
                 | Kind::Env { .. }
         )
@@ -295,6 +302,7 @@ impl fmt::Display for Error {
             Kind::Tls => "could not set up TLS",
             Kind::NoHttpClient => "no HTTP client for the token request",
             Kind::InvalidKey => "encryption key is not 32 bytes in base64",
+            Kind::LeaseTooShort => "lease of the Redis lock is not longer than three op timeouts",
             Kind::ReservedParam { name, instead } => {
                 return write!(f, "form parameter {name} is set by the client: {instead}");
             }

@@ -187,7 +187,7 @@ async fn child(mode: &str) -> Result<serde_json::Value, BoxError> {
         .follower_wait(millis("FLEET_FOLLOWER_WAIT_MS")?)
         .failure_cooldown(FAILURE_COOLDOWN)
         .poll_interval(Duration::from_millis(20))
-        .op_timeout(Duration::from_secs(2))
+        .op_timeout(Duration::from_millis(1500))
         .build()?;
     let layer = BlazeAuthLayer::builder(shared.clone())
         .study(DEMO_STUDY)
@@ -352,8 +352,10 @@ impl Fleet {
             .env("FLEET_API", self.stand_in.api_url())
             .env("FLEET_REDIS", self.redis.url())
             .env("FLEET_PREFIX", &self.prefix)
-            .env("FLEET_LEASE_MS", "1000")
-            .env("FLEET_FOLLOWER_WAIT_MS", "5000")
+            // The op timeout (1.5 s) under a third of the lease, as `build` requires; the
+            // wait above the lease, as `follower_wait` asks.
+            .env("FLEET_LEASE_MS", "6000")
+            .env("FLEET_FOLLOWER_WAIT_MS", "15000")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())

@@ -10,6 +10,8 @@
 
 #[path = "support/redis_server.rs"]
 mod redis_server;
+#[path = "support/slow_proxy.rs"]
+mod slow_proxy;
 
 use blaze_auth::{
     AccessToken, BlazeAuth, BlazeAuthLayer, EncryptionKey, RedisShared, SharedKey, TokenSource,
@@ -17,6 +19,7 @@ use blaze_auth::{
 };
 use http::{Request, Response, StatusCode, header::AUTHORIZATION};
 use redis_server::{Backend, RedisCluster, RedisServer, free_port};
+use slow_proxy::{Delays, SlowProxy};
 use std::{
     collections::HashSet,
     convert::Infallible,
@@ -49,13 +52,14 @@ async fn eight_processes_fetch_one_token(redis: &(impl Backend + Sync)) {
     for _ in 0..8 {
         // This test proves that one process fetches, not how soon a lost lock or a dead
         // Redis is got over (other tests do), so nothing here may run out on a starved
-        // machine: with the 300 ms test lease, a holder starved for 300 ms lost the lock and
-        // a second process fetched. A 10 s lease (the default), op timeout and 30 s wait
-        // (above the lease, as `follower_wait` asks) outlast any stall the test survives.
+        // machine: with a 300 ms lease, a holder starved for 300 ms lost the lock and a
+        // second process fetched. A 30 s lease, 9 s op timeout (under a third of the lease,
+        // as `build` requires) and 60 s wait (above the lease, as `follower_wait` asks)
+        // outlast any stall the test survives.
         let shared = shared(redis, &key, &endpoint)
-            .lease(Duration::from_secs(10))
-            .op_timeout(Duration::from_secs(10))
-            .follower_wait(Duration::from_secs(30))
+            .lease(Duration::from_secs(30))
+            .op_timeout(Duration::from_secs(9))
+            .follower_wait(Duration::from_secs(60))
             .build()
             .unwrap();
         let client = client(shared.clone(), &endpoint);
@@ -115,10 +119,12 @@ async fn a_crashed_lock_holder_is_taken_over_after_its_lease() {
             }
         })
     };
-    // A long lease for this test only, so that the lock is surely still there when checked.
-    let lease = Duration::from_secs(2);
+    // A lease shorter than the tests' 10 s, so that B takes over soon, and long enough that
+    // the lock is surely still there when checked; an op timeout under a third of it.
+    let (lease, op_timeout) = (Duration::from_secs(2), Duration::from_millis(600));
     let a = shared_with(&redis, &key, hanging)
         .lease(lease)
+        .op_timeout(op_timeout)
         .build()
         .unwrap();
     let crashed = tokio::spawn(async move { a.fetch(None).await });
@@ -131,6 +137,7 @@ async fn a_crashed_lock_holder_is_taken_over_after_its_lease() {
     let endpoint = Endpoint::new(Duration::ZERO);
     let b = shared(&redis, &key, &endpoint)
         .lease(lease)
+        .op_timeout(op_timeout)
         .build()
         .unwrap();
     let token = b.fetch(None).await.unwrap();
@@ -162,6 +169,7 @@ async fn a_fetch_slower_than_the_lease_keeps_the_lock_by_renewing_it() {
     let process = || {
         shared(&redis, &key, &endpoint)
             .lease(Duration::from_secs(1))
+            .op_timeout(Duration::from_millis(300))
             .follower_wait(Duration::from_secs(30))
             .build()
             .unwrap()
@@ -177,6 +185,63 @@ async fn a_fetch_slower_than_the_lease_keeps_the_lock_by_renewing_it() {
     assert_eq!(endpoint.fetches(), 1);
     let metrics = b.metrics();
     assert_eq!((metrics.waits, metrics.shared_hits), (1, 1), "{metrics:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_slow_within_the_op_timeout_does_not_let_the_lease_run_out_under_a_fetch() {
+    let redis = RedisServer::start();
+    let key = key();
+    // Between A and Redis, each of A's steps around taking the lock takes 3/4 of its op
+    // timeout, which is just under a third of the lease: the reply to the SET that takes the
+    // lock, the reply to the read after it, and each script call (a renewal) on its way to
+    // Redis. A renewal due a third of a lease after the fetch started, not after the SET,
+    // would reach Redis 750 + 750 + 1000 + 750 ms after the lock was taken: 250 ms after
+    // the 3 s lease ran out, long enough for B to take the lock and fetch a second token.
+    // Counted from the SET, the first one is due before the read ends and reaches Redis
+    // 750 + 750 + 750 ms after the lock was taken, 750 ms before the lease runs out.
+    let lease = Duration::from_secs(3);
+    let op_timeout = Duration::from_millis(990);
+    let slow = SlowProxy::start(
+        redis.port,
+        Delays {
+            requests: &["EVALSHA"],
+            replies: &["SET", "GET"],
+            by: Duration::from_millis(750),
+        },
+    )
+    .await;
+    // The fetch outlasts the lease.
+    let endpoint = Endpoint::new(Duration::from_secs(4));
+    let process = |url: &str| {
+        shared(&redis, &key, &endpoint)
+            .redis_url(url)
+            .lease(lease)
+            .op_timeout(op_timeout)
+            .follower_wait(Duration::from_secs(30))
+            .build()
+            .unwrap()
+    };
+    let (a, b) = (process(&slow.url()), process(&redis.url()));
+    let first = {
+        let a = a.clone();
+        tokio::spawn(async move { a.fetch(None).await })
+    };
+    while endpoint.fetches() == 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // B, straight to Redis, polls every 10 ms: it takes the lock as soon as the lease runs out.
+    let second = b.fetch(None).await.unwrap();
+    let first = first.await.unwrap().unwrap();
+    let (a, b) = (a.metrics(), b.metrics());
+    assert_eq!(
+        endpoint.fetches(),
+        1,
+        "B took the lock and fetched: A's lease ran out under its fetch\nA: {a:?}\nB: {b:?}"
+    );
+    assert_eq!((first.secret(), second.secret()), ("token-1", "token-1"));
+    // Each of A's operations answered within its op timeout: Redis was slow, not down.
+    assert_eq!((a.redis_errors, a.fallbacks), (0, 0), "{a:?}");
+    assert_eq!((b.waits, b.shared_hits), (1, 1), "{b:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -778,8 +843,9 @@ fn shared(
     shared_with(redis, key, endpoint.source())
 }
 
-/// Test settings: a short lease, so a takeover is quick; a generous op timeout, so a busy
-/// machine does not look like a Redis outage.
+/// Test settings: a generous op timeout, so a busy machine does not look like a Redis
+/// outage, and the default lease, over three op timeouts as `build` requires. The tests of a
+/// takeover set a shorter lease, so that it is quick.
 fn shared_with<S: TokenSource>(
     redis: &impl Backend,
     key: &SharedKey,
@@ -788,7 +854,7 @@ fn shared_with<S: TokenSource>(
     redis
         .configure(RedisShared::builder(source, key.clone()))
         .key_prefix("test:")
-        .lease(Duration::from_millis(300))
+        .lease(Duration::from_secs(10))
         .poll_interval(Duration::from_millis(10))
         .op_timeout(Duration::from_secs(2))
 }

@@ -118,9 +118,15 @@ impl<S> RedisSharedBuilder<S> {
 
     /// Sets the lease of the lock a process holds while it fetches the token.
     ///
-    /// The holder renews it every third of a lease while its fetch runs, so a slow fetch
-    /// keeps the lock; a holder that crashed loses it at most one lease later, and a waiting
-    /// process takes over. Default: 10 s.
+    /// The holder renews it every third of a lease, counted from when it took the lock, while
+    /// its fetch runs, so a slow fetch keeps the lock; a holder that crashed loses it at most
+    /// one lease later, and a waiting process takes over.
+    ///
+    /// It must be longer than three [`op_timeout`](Self::op_timeout)s (750 ms with the
+    /// default), or [`build`](Self::build) fails: taking the lock, reading the token again
+    /// and the first renewal may each take up to an op timeout, and must all land before the
+    /// lease runs out, or another process takes the lock and fetches a second token.
+    /// Default: 10 s.
     pub fn lease(mut self, lease: Duration) -> Self {
         self.lease = lease.max(Duration::from_millis(3));
         self
@@ -136,7 +142,8 @@ impl<S> RedisSharedBuilder<S> {
     }
 
     /// Sets the limit on each Redis operation; one that takes longer counts as Redis being
-    /// down, and the process fetches its token without Redis. Default:
+    /// down, and the process fetches its token without Redis. It must be under a third of the
+    /// [`lease`](Self::lease) (see there why), or [`build`](Self::build) fails. Default:
     /// 250 ms.
     pub fn op_timeout(mut self, timeout: Duration) -> Self {
         self.op_timeout = timeout;
@@ -209,11 +216,18 @@ impl<S> RedisSharedBuilder<S> {
     /// If the Redis URL, or a cluster URL, is not valid ([`Error::is_config`]); the
     /// error does not repeat it, since it may hold a password. If encryption is
     /// [required](Self::require_encryption), or previous keys are given, and no
-    /// [`encryption_key`](Self::encryption_key) is ([`Error::is_config`]).
+    /// [`encryption_key`](Self::encryption_key) is ([`Error::is_config`]). If the
+    /// [`lease`](Self::lease) is not longer than three [`op_timeout`](Self::op_timeout)s
+    /// ([`Error::is_config`]).
     pub fn build(self) -> Result<RedisShared<S>, Error> {
         let needs_key = self.require_encryption || !self.previous_keys.is_empty();
         if needs_key && self.encryption_key.is_none() {
             return Err(Error::invalid_key());
+        }
+        // The SET that takes the lock, the read after it and the first renewal, each up to
+        // an op timeout, all before the lease runs out.
+        if self.op_timeout.saturating_mul(3) >= self.lease {
+            return Err(Error::lease_too_short());
         }
         let invalid_url = |_| Error::invalid_url(Some("not a valid Redis URL".into()));
         let redis = match self.target {
@@ -275,6 +289,37 @@ mod tests {
             .unwrap_err();
         assert!(error.is_config());
         assert!(!format!("{error:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn a_lease_not_longer_than_three_op_timeouts_is_refused() {
+        let source = crate::StaticToken::new(AccessToken::bearer("t").unwrap());
+        let builder = || RedisShared::builder(source.clone(), SharedKey::new("https://h/t", "id"));
+        // Three times the default op timeout, 250 ms.
+        let error = builder()
+            .lease(Duration::from_millis(750))
+            .build()
+            .unwrap_err();
+        assert!(error.is_config());
+        assert_eq!(
+            error.to_string(),
+            "lease of the Redis lock is not longer than three op timeouts"
+        );
+        // The default lease, 10 s.
+        let error = builder()
+            .op_timeout(Duration::from_millis(3334))
+            .build()
+            .unwrap_err();
+        assert!(error.is_config());
+        assert!(builder().op_timeout(Duration::MAX).build().is_err());
+
+        assert!(builder().lease(Duration::from_millis(751)).build().is_ok());
+        assert!(
+            builder()
+                .op_timeout(Duration::from_millis(3333))
+                .build()
+                .is_ok()
+        );
     }
 
     #[test]

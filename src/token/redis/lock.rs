@@ -124,6 +124,9 @@ impl<S: TokenSource> Shared<S> {
                 Found::Nothing => {}
             }
             let holder = format!("{:032x}", fastrand::u128(..));
+            // Taken before the SET is sent: Redis starts the lease when the SET arrives, so
+            // the lease runs out no sooner than one lease after this.
+            let lease_start = Instant::now();
             let locked: Option<String> = self
                 .op(redis::cmd("SET")
                     .arg(&self.lock_key)
@@ -134,7 +137,9 @@ impl<S: TokenSource> Shared<S> {
                     .query_async(&mut con))
                 .await?;
             if locked.is_some() {
-                return self.lead(&mut con, &holder, rejected, rejected_fp).await;
+                return self
+                    .lead(&mut con, &holder, lease_start, rejected, rejected_fp)
+                    .await;
             }
             if !waiting {
                 waiting = true;
@@ -148,11 +153,13 @@ impl<S: TokenSource> Shared<S> {
         }
     }
 
-    /// Fetches the token as the lock holder, stores it and releases the lock.
+    /// Fetches the token as the lock holder, stores it and releases the lock. The lease
+    /// started no sooner than `lease_start`.
     async fn lead(
         &self,
         con: &mut Connection,
         holder: &str,
+        lease_start: Instant,
         rejected: Option<&AccessToken>,
         rejected_fp: Option<String>,
     ) -> Result<AccessToken, Failure> {
@@ -171,7 +178,9 @@ impl<S: TokenSource> Shared<S> {
         }
         self.counters.source_fetches.fetch_add(1, Ordering::Relaxed);
         tracing::debug!("holding the Redis lock: fetching the token");
-        let result = self.fetch_renewing(con, holder, rejected).await;
+        let result = self
+            .fetch_renewing(con, holder, lease_start, rejected)
+            .await;
         let recorded = match &result {
             Ok(token) => self.store(con, token).await,
             Err(_) => self.record_failure(con).await,
@@ -184,17 +193,24 @@ impl<S: TokenSource> Shared<S> {
         result.map_err(Failure::Source)
     }
 
-    /// Fetches from the wrapped source, renewing the lease until the fetch ends.
+    /// Fetches from the wrapped source, renewing the lease until the fetch ends: every third
+    /// of a lease from `lease_start`, not from the fetch's start, since the read in between
+    /// may have taken an op timeout. A renewal that is due while the one before still runs
+    /// is sent when that one ends.
     async fn fetch_renewing(
         &self,
         con: &Connection,
         holder: &str,
+        lease_start: Instant,
         rejected: Option<&AccessToken>,
     ) -> Result<AccessToken, BoxError> {
         let mut renew_con = con.clone();
         let renew = async {
+            // Since `lease_start`; saturating, as a lease may be "for good".
+            let mut due = Duration::ZERO;
             loop {
-                tokio::time::sleep(self.lease / 3).await;
+                due = due.saturating_add(self.lease / 3);
+                tokio::time::sleep(due.saturating_sub(lease_start.elapsed())).await;
                 let mut invocation = RENEW.key(&self.lock_key);
                 invocation.arg(holder).arg(millis(self.lease));
                 let renewed: Result<i64, _> =

@@ -16,7 +16,8 @@
 //!    expiry;
 //! 3. otherwise takes the lock (`SET lock id NX PX lease`), fetches a token from the wrapped
 //!    source, stores it with its expiry and releases the lock; while it fetches it renews the
-//!    lease, so a slow fetch keeps the lock and a crashed holder loses it within one lease;
+//!    lease every third of a lease from when it took the lock, so a slow fetch keeps the lock
+//!    and a crashed holder loses it within one lease;
 //! 4. or, if another process holds the lock, waits for the token it stores, polling, and
 //!    takes the lock over if the holder's lease runs out.
 //!
