@@ -189,8 +189,8 @@ impl Error {
     /// info, plain `http` to a host that is not loopback), TLS that cannot be set up, no HTTP
     /// client for the token request with the `rustls` feature off, a Redis encryption key, a
     /// Redis lock lease not longer than three op timeouts, a form parameter that
-    /// [`ClientCredentials`] sets itself, a `BLAZE_*` environment variable. The message says which, and names the variable or
-    /// parameter, never the value.
+    /// [`ClientCredentials`] sets itself, a `BLAZE_*` environment variable. The message says
+    /// which, and names the variable or parameter, never the value.
     ///
     #[cfg_attr(
         feature = "oauth2",
