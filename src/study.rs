@@ -118,8 +118,22 @@ impl ResearchStudy {
         }
         let mut present = false;
         for pair in query.as_bytes().split(|&b| b == b'&' || b == b';') {
-            let raw_name = pair.split(|&b| b == b'=').next().unwrap_or_default();
-            if !raw_name.eq_ignore_ascii_case(PARAM.as_bytes()) && !raw_name.contains(&b'%') {
+            let (raw_name, raw_value) = match pair.iter().position(|&b| b == b'=') {
+                Some(at) => (&pair[..at], &pair[at + 1..]),
+                None => (pair, &[][..]),
+            };
+            let ours_as_it_stands = raw_name.eq_ignore_ascii_case(PARAM.as_bytes());
+            if !ours_as_it_stands && !raw_name.contains(&b'%') {
+                continue;
+            }
+            // Our name with a value that has nothing to decode (a paging link's): the value
+            // is compared as it stands, without the decoding below, which cost a paging
+            // link about 1,700 instructions (callgrind).
+            if ours_as_it_stands && !raw_value.iter().any(|&b| b == b'%' || b == b'+') {
+                if raw_value != self.inner.id.as_bytes() {
+                    return Err(Error::study_conflict());
+                }
+                present = true;
                 continue;
             }
             for (name, value) in form_urlencoded::parse(pair) {
@@ -313,54 +327,81 @@ mod tests {
 
     #[test]
     fn the_quick_scan_agrees_with_decoding_every_pair() {
-        // `named_in` decodes only the pairs whose raw name may be ours; decoding them all
-        // must give the same answer.
-        let study = ResearchStudy::new("A B").unwrap();
-        let full = |query: &str| -> Result<bool, ()> {
-            let mut present = false;
-            let pairs = query
-                .split(';')
-                .flat_map(|part| form_urlencoded::parse(part.as_bytes()));
-            for (name, value) in pairs {
-                if name.to_ascii_lowercase() == PARAM {
-                    if value != "A B" {
-                        return Err(());
-                    }
-                    present = true;
-                }
+        // `named_in` decodes only the pairs whose raw name may be ours, and of those only
+        // the values with something to decode; decoding every pair must give the same answer.
+        for (id, queries) in [("A B", DECODED), ("FHIR-T", AS_THEY_STAND)] {
+            let study = ResearchStudy::new(id).unwrap();
+            for query in queries {
+                assert_eq!(
+                    study.named_in(query).map_err(drop),
+                    named_after_decoding_every_pair(id, query),
+                    "{id:?} in {query:?}"
+                );
             }
-            Ok(present)
-        };
-        for query in [
-            "",
-            "&",
-            "a=1&b=2",
-            "researchstudy",
-            "researchstudy=",
-            "researchstudy=A+B",
-            "researchstudy=A%20B&x=%41",
-            "x=researchstudy&y=researchstudy%3DOTHER",
-            "research%73tudy=A+B",
-            "research%73tudy=OTHER&a=1",
-            "%72esearchstudy",
-            "researchstudy+=A+B",
-            "research+study=A+B",
-            "a=1&&researchstudy=A+B&",
-            "researchstudy=A+B=C",
-            "=researchstudy&researchstudy%=A+B",
-            "x%=1&researchstudy%3D=A+B",
-            "ResearchStudy=OTHER",
-            "RESEARCHSTUDY=A+B",
-            "a=1;researchstudy=OTHER",
-            "a=1;ReSearch%53tudy=A+B&b=2",
-            "researchstudy=A+B;researchstudy=OTHER",
-        ] {
-            assert_eq!(
-                study.named_in(query).map_err(drop),
-                full(query),
-                "{query:?}"
-            );
         }
+    }
+
+    /// Queries for the study "A B", which reads as such only decoded (`A+B`, `A%20B`).
+    const DECODED: &[&str] = &[
+        "",
+        "&",
+        "a=1&b=2",
+        "researchstudy",
+        "researchstudy=",
+        "researchstudy=A+B",
+        "researchstudy=A%20B&x=%41",
+        "x=researchstudy&y=researchstudy%3DOTHER",
+        "research%73tudy=A+B",
+        "research%73tudy=OTHER&a=1",
+        "%72esearchstudy",
+        "researchstudy+=A+B",
+        "research+study=A+B",
+        "a=1&&researchstudy=A+B&",
+        "researchstudy=A+B=C",
+        "=researchstudy&researchstudy%=A+B",
+        "x%=1&researchstudy%3D=A+B",
+        "ResearchStudy=OTHER",
+        "RESEARCHSTUDY=A+B",
+        "a=1;researchstudy=OTHER",
+        "a=1;ReSearch%53tudy=A+B&b=2",
+        "researchstudy=A+B;researchstudy=OTHER",
+    ];
+
+    /// Queries with study values that read as they stand, "FHIR-T" or another.
+    const AS_THEY_STAND: &[&str] = &[
+        "researchstudy=FHIR-T",
+        "researchstudy=FHIR-T&_count=50&__page-id=AAAA",
+        "ResearchStudy=FHIR-T",
+        "researchstudy=FHIR-t",
+        "researchstudy=FHIR-T=",
+        "researchstudy=FHIR-TX",
+        "researchstudy=FHIR",
+        "researchstudy",
+        "researchstudy=",
+        "researchstudy=FHIR%2DT",
+        "researchstudy=FHIR%2dT&a=1",
+        "researchstudy=FHIR+T",
+        "research%73tudy=FHIR-T",
+        "RESEARCHSTUDY=OTHER;researchstudy=FHIR-T",
+        "researchstudy=FHIR-T;researchstudy=FHIR-T",
+        "a=researchstudy=FHIR-T&b=1",
+    ];
+
+    /// [`ResearchStudy::named_in`] the slow way: every pair decoded, split at `;` and `&`.
+    fn named_after_decoding_every_pair(id: &str, query: &str) -> Result<bool, ()> {
+        let mut present = false;
+        let pairs = query
+            .split(';')
+            .flat_map(|part| form_urlencoded::parse(part.as_bytes()));
+        for (name, value) in pairs {
+            if name.to_ascii_lowercase() == PARAM {
+                if value != id {
+                    return Err(());
+                }
+                present = true;
+            }
+        }
+        Ok(present)
     }
 
     #[test]
