@@ -73,8 +73,10 @@ fn every_token_fault() -> [TokenFailure; 8] {
     [
         TokenFailure::Status(StatusCode::BAD_GATEWAY),
         TokenFailure::Status(StatusCode::SERVICE_UNAVAILABLE),
+        // Beyond the fetch's backoff (50 ms), within the wait's bound (5 s): the fetch ends,
+        // and the next comes no sooner than the 1 s asked.
         TokenFailure::TooManyRequests {
-            retry_after: Duration::from_secs(30),
+            retry_after: Duration::from_secs(1),
         },
         TokenFailure::Slow(Duration::from_millis(100)),
         TokenFailure::Garbage,
@@ -84,12 +86,13 @@ fn every_token_fault() -> [TokenFailure; 8] {
     ]
 }
 
-/// Whether `ClientCredentials` retries the fault inside its fetch.
+/// Whether `ClientCredentials`, as [`build`] makes it, retries the fault inside its fetch: a
+/// `Retry-After` longer than its longest backoff (50 ms) ends the fetch instead.
 fn retried(failure: &TokenFailure) -> bool {
     matches!(
         failure,
         TokenFailure::Status(_) | TokenFailure::Reset | TokenFailure::Hang | TokenFailure::Slow(_)
-    ) || matches!(failure, TokenFailure::TooManyRequests { retry_after } if retry_after.as_secs() <= 1)
+    ) || matches!(failure, TokenFailure::TooManyRequests { retry_after } if *retry_after <= Duration::from_millis(50))
 }
 
 #[tokio::test]
@@ -135,7 +138,8 @@ async fn each_token_endpoint_fault_is_retried_or_typed_without_waiting() {
                     other => panic!("{other:?}: {cause}"),
                 }
                 assert_eq!(stand_in.api_requests(), 0, "fail closed");
-                // The cool-down is 20 ms; the request after it fetches again and succeeds.
+                // The cool-down is 20 ms, or the 1 s a 429 asked for; the request after it
+                // fetches again and succeeds.
                 let mut status = get(&client, &url).await;
                 while status.is_err() {
                     tokio::task::yield_now().await;

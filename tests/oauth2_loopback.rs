@@ -20,7 +20,7 @@ use std::{
     time::{Duration, Instant},
 };
 use support::{Reply, json, serve, token_json};
-use tower::{ServiceBuilder, ServiceExt};
+use tower::{Layer, ServiceBuilder, ServiceExt};
 
 const SECRET: &str = "s3cr3t&=+ value";
 
@@ -211,27 +211,8 @@ async fn connection_refused_is_a_transport_error() {
 #[tokio::test(start_paused = true)]
 async fn retry_after_is_honoured() {
     // A test double instead of a socket, so that paused time measures the wait exactly.
-    let calls = Arc::new(Mutex::new(Vec::new()));
-    let seen = Arc::clone(&calls);
-    let client = tower::service_fn(move |_: Request<Full<Bytes>>| {
-        let seen = Arc::clone(&seen);
-        async move {
-            let mut calls = seen.lock().unwrap();
-            calls.push(tokio::time::Instant::now());
-            let response = if calls.len() == 1 {
-                Response::builder()
-                    .status(429)
-                    .header("retry-after", "3")
-                    .body(Full::default())
-            } else {
-                Response::builder().body(Full::from(r#"{"access_token":"t","expires_in":60}"#))
-            };
-            Ok::<_, Infallible>(response.unwrap())
-        }
-    });
-    let builder = ClientCredentials::builder("https://h/token", "id", "s")
-        .http_client(client)
-        .backoff(Duration::from_millis(10), Duration::from_secs(5));
+    let (builder, calls) = busy_endpoint("3");
+    let builder = builder.backoff(Duration::from_millis(10), Duration::from_secs(5));
     fetch(builder).await.unwrap();
     let calls = calls.lock().unwrap();
     assert_eq!(calls.len(), 2);
@@ -248,6 +229,97 @@ async fn a_retry_after_beyond_the_backoff_limit_ends_the_fetch() {
     let error = fetch(builder).await.unwrap_err();
     assert_eq!(error.status(), Some(StatusCode::TOO_MANY_REQUESTS));
     assert_eq!(error.retry_after(), Some(Duration::from_secs(600)));
+}
+
+/// `ClientCredentials` over a token endpoint that answers 429 with `Retry-After:
+/// <retry_after>` to its first request and a token after; the instants it was asked at.
+fn busy_endpoint(
+    retry_after: &'static str,
+) -> (
+    blaze_auth::ClientCredentialsBuilder,
+    Arc<Mutex<Vec<tokio::time::Instant>>>,
+) {
+    let calls = Arc::new(Mutex::new(Vec::new()));
+    let seen = Arc::clone(&calls);
+    let client = tower::service_fn(move |_: Request<Full<Bytes>>| {
+        let seen = Arc::clone(&seen);
+        async move {
+            let mut calls = seen.lock().unwrap();
+            calls.push(tokio::time::Instant::now());
+            let response = if calls.len() == 1 {
+                Response::builder()
+                    .status(429)
+                    .header("retry-after", retry_after)
+                    .body(Full::default())
+            } else {
+                Response::builder().body(Full::from(r#"{"access_token":"t","expires_in":3600}"#))
+            };
+            Ok::<_, Infallible>(response.unwrap())
+        }
+    });
+    let builder = ClientCredentials::builder("https://h/token", "id", "s").http_client(client);
+    (builder, calls)
+}
+
+/// A layer over `ClientCredentials` with a [`busy_endpoint`]; the instants it was asked at.
+fn layer_over_a_busy_endpoint(
+    retry_after: &'static str,
+) -> (BlazeAuthLayer, Arc<Mutex<Vec<tokio::time::Instant>>>) {
+    let (builder, calls) = busy_endpoint(retry_after);
+    let source = builder.build().unwrap();
+    // No waiting for a token: each request meets the cool-down as it stands, fails at once
+    // during it, and the one after it fetches. (With a bound, a request less than the bound
+    // before its end would wait for that fetch.)
+    let layer = BlazeAuthLayer::builder(source)
+        .study("S")
+        .max_token_wait(Duration::ZERO)
+        .build()
+        .unwrap();
+    (layer, calls)
+}
+
+/// Sends a request through `layer` every second for `seconds` seconds; how many succeeded.
+async fn request_every_second(layer: &BlazeAuthLayer, seconds: u64) -> u64 {
+    let mut succeeded = 0;
+    for _ in 0..seconds {
+        let service = layer.layer(tower::service_fn(|_: Request<String>| async {
+            Ok::<_, Infallible>(Response::new(()))
+        }));
+        let request = Request::get("/Patient").body(String::new()).unwrap();
+        match service.oneshot(request).await {
+            Ok(_) => succeeded += 1,
+            Err(error) => assert!(error.is_token(), "{error:?}"),
+        }
+        tokio::time::advance(Duration::from_secs(1)).await;
+    }
+    succeeded
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_layer_fetches_again_no_sooner_than_the_endpoint_asked() {
+    // 60 s is beyond what one fetch waits between its attempts (4 s): the fetch ends with the
+    // 429, and the layer's cool-down, 1 s by default, must last the 60 s instead.
+    let (layer, calls) = layer_over_a_busy_endpoint("60");
+    assert_eq!(request_every_second(&layer, 60).await, 0);
+    assert_eq!(
+        calls.lock().unwrap().len(),
+        1,
+        "asked again within the 60 s"
+    );
+    assert_eq!(request_every_second(&layer, 1).await, 1);
+    let calls = calls.lock().unwrap();
+    assert_eq!(calls.len(), 2);
+    assert!(calls[1] - calls[0] >= Duration::from_secs(60));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_retry_after_beyond_five_minutes_holds_the_fetches_back_five_minutes() {
+    // A value from the network: an hour, or a date years ahead, is not obeyed in full.
+    let (layer, calls) = layer_over_a_busy_endpoint("3600");
+    assert_eq!(request_every_second(&layer, 300).await, 0);
+    assert_eq!(calls.lock().unwrap().len(), 1);
+    assert_eq!(request_every_second(&layer, 1).await, 1);
+    assert_eq!(calls.lock().unwrap().len(), 2);
 }
 
 #[tokio::test]

@@ -10,8 +10,10 @@
 //! refresh margin) the first request starts a background fetch while all requests keep using
 //! the cached token until it expires, so no request waits for a routine refresh.
 //!
-//! A failed fetch starts a cool-down, doubling with each failure in a row: until it ends, no
-//! new fetch starts, and a failed refresh ahead of expiry is tried again only after it. A
+//! A failed fetch starts a cool-down, doubling with each failure in a row, or as long as the
+//! token endpoint asked with `Retry-After` if that is longer ([`asked_pause`]): until it
+//! ends, no new fetch starts, and a failed refresh ahead of expiry is tried again only after
+//! it. A
 //! request without a valid token rides the failure out: it waits for the one attempt the
 //! cool-down allows at its end, and the next, up to `max_token_wait` after it met the failure
 //! (a [`TokenWait`] with a [`Ride`]). It gets the last error at once instead when waiting
@@ -48,6 +50,10 @@ use tokio::{
 
 /// The longest cool-down, unless the configured first one is longer.
 const MAX_COOLDOWN: Duration = Duration::from_secs(30);
+
+/// The longest a token endpoint's `Retry-After` holds fetches back: see [`asked_pause`].
+#[cfg(feature = "oauth2")]
+const MAX_ASKED_PAUSE: Duration = Duration::from_secs(300);
 
 /// The shortest time a token that arrived expired is kept: see [`TokenCache::expired_on_arrival`].
 const MIN_EXPIRED_HOLD: Duration = Duration::from_secs(1);
@@ -509,7 +515,7 @@ impl TokenCache {
                 let error = SharedError::from(error);
                 self.counters.failures.fetch_add(1, Ordering::Relaxed);
                 let in_a_row = flight.failure.as_ref().map_or(1, |f| f.in_a_row + 1);
-                let cooldown = self.cooldown(in_a_row);
+                let cooldown = self.cooldown(in_a_row, &*error);
                 let permanent = is_permanent(&*error);
                 tracing::warn!(%error, in_a_row, permanent, cooldown_ms = cooldown.as_millis() as u64, "token fetch failed");
                 // A cool-down the clock cannot add (`Duration::MAX`) would panic this task
@@ -579,11 +585,16 @@ impl TokenCache {
         }
     }
 
-    /// The cool-down after `in_a_row` failed fetches: the configured one, doubled for each
-    /// failure after the first, up to [`MAX_COOLDOWN`] (or the configured one, if longer).
-    fn cooldown(&self, in_a_row: u32) -> Duration {
+    /// The cool-down after `in_a_row` failed fetches, the last with `error`: the configured
+    /// one, doubled for each failure after the first, up to [`MAX_COOLDOWN`] (or the
+    /// configured one, if longer); or the pause the token endpoint asked for, if longer.
+    /// None with a configured cool-down of zero.
+    fn cooldown(&self, in_a_row: u32, error: &(dyn StdError + 'static)) -> Duration {
         let first = self.config.fetch_cooldown;
-        backoff::exponential(first, in_a_row, MAX_COOLDOWN.max(first))
+        if first.is_zero() {
+            return Duration::ZERO;
+        }
+        backoff::exponential(first, in_a_row, MAX_COOLDOWN.max(first)).max(asked_pause(error))
     }
 
     fn nanos(&self, at: Instant) -> u64 {
@@ -837,6 +848,27 @@ impl Future for FetchTask {
             .poll(cx)
             .map(|joined| joined.unwrap_or_else(|_| Err(Arc::new(FetchError::Cancelled))))
     }
+}
+
+/// How long the token endpoint asked the client to wait before it fetches again: the
+/// `Retry-After` of a [`TokenError`](crate::TokenError) in `error`'s chain, at most
+/// [`MAX_ASKED_PAUSE`] (a value from the network: a hostile or broken server must not stop
+/// the fetches for a day); zero if there is none. `ClientCredentials` itself waits out a
+/// short `Retry-After` between its attempts, and ends the fetch on a long one: this keeps
+/// the next fetch from coming sooner than that.
+fn asked_pause(error: &(dyn StdError + 'static)) -> Duration {
+    #[cfg(feature = "oauth2")]
+    {
+        // Bounded: a hostile `source` could make the chain endless.
+        let asked = std::iter::successors(Some(error), |&error| error.source())
+            .take(32)
+            .find_map(|error| error.downcast_ref::<crate::TokenError>()?.retry_after());
+        if let Some(asked) = asked {
+            return asked.min(MAX_ASKED_PAUSE);
+        }
+    }
+    let _ = error;
+    Duration::ZERO
 }
 
 /// Whether waiting will not fix a fetch's `error`: a [`PermanentError`] anywhere in its

@@ -475,8 +475,10 @@ impl ClientCredentialsBuilder {
     ///
     /// Between attempts it waits 250 ms, then 500 ms, doubling up to 4 s, each with
     /// jitter (half fixed, half random), or as long as `Retry-After` asks if that is longer;
-    /// a `Retry-After` beyond 4 s ends the fetch. With the defaults a fetch takes at most
-    /// about 31 s, inside the layer's 60 s refresh margin.
+    /// a `Retry-After` beyond 4 s ends the fetch, and the layer's cool-down then lasts as
+    /// long as it asks, up to 5 minutes (see
+    /// [`fetch_cooldown`](crate::BlazeAuthLayerBuilder::fetch_cooldown)). With the defaults
+    /// a fetch takes at most about 31 s, inside the layer's 60 s refresh margin.
     pub fn max_attempts(mut self, attempts: u32) -> Self {
         self.max_attempts = attempts.max(1);
         self
