@@ -335,13 +335,15 @@ impl BlazeAuthLayerBuilder {
     /// requests without one wait for the attempt at the end of the cool-down or fail at once
     /// (see [`max_token_wait`](Self::max_token_wait)). The cool-down doubles with each
     /// failure in a row, up to 30 s (or this value, if longer), and resets with the next
-    /// token. When the token endpoint answered with `Retry-After` (a
-    /// [`TokenError`](crate::TokenError) with [`retry_after`](crate::TokenError::retry_after)),
-    /// the cool-down lasts at least that long, up to 5 minutes. Zero: no cool-down (the
-    /// endpoint's `Retry-After` included), and no request waits for a failing endpoint
-    /// either.
+    /// token. When the token endpoint answered with `Retry-After` (a [`TokenError`] with
+    /// a `retry_after`), the cool-down lasts at least that long, up to 5 minutes. Zero: no
+    /// cool-down (the endpoint's `Retry-After` included), and no request waits for a failing
+    /// endpoint either.
     ///
     /// Default: 1 s.
+    ///
+    #[cfg_attr(feature = "oauth2", doc = "[`TokenError`]: crate::TokenError")]
+    #[cfg_attr(not(feature = "oauth2"), doc = "[`TokenError`]: crate#feature-flags")]
     pub fn fetch_cooldown(mut self, cooldown: Duration) -> Self {
         self.cache.fetch_cooldown = cooldown;
         self
