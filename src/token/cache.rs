@@ -859,9 +859,7 @@ impl Future for FetchTask {
 fn asked_pause(error: &(dyn StdError + 'static)) -> Duration {
     #[cfg(feature = "oauth2")]
     {
-        // Bounded: a hostile `source` could make the chain endless.
-        let asked = std::iter::successors(Some(error), |&error| error.source())
-            .take(32)
+        let asked = causes(error)
             .find_map(|error| error.downcast_ref::<crate::TokenError>()?.retry_after());
         if let Some(asked) = asked {
             return asked.min(MAX_ASKED_PAUSE);
@@ -875,16 +873,20 @@ fn asked_pause(error: &(dyn StdError + 'static)) -> Duration {
 /// chain, or a [`TokenError`](crate::TokenError) that says the token endpoint refused the
 /// client or its certificate is not trusted.
 fn is_permanent(error: &(dyn StdError + 'static)) -> bool {
-    // Bounded: a hostile `source` could make the chain endless.
-    std::iter::successors(Some(error), |&error| error.source())
-        .take(32)
-        .any(|error| {
-            #[cfg(feature = "oauth2")]
-            if let Some(error) = error.downcast_ref::<crate::TokenError>() {
-                return error.is_permanent();
-            }
-            error.is::<PermanentError>()
-        })
+    causes(error).any(|error| {
+        #[cfg(feature = "oauth2")]
+        if let Some(error) = error.downcast_ref::<crate::TokenError>() {
+            return error.is_permanent();
+        }
+        error.is::<PermanentError>()
+    })
+}
+
+/// `error` and its sources, the first 32: a hostile `source` could make the chain endless.
+fn causes<'a>(
+    error: &'a (dyn StdError + 'static),
+) -> impl Iterator<Item = &'a (dyn StdError + 'static)> {
+    std::iter::successors(Some(error), |&error| error.source()).take(32)
 }
 
 // The cache's behaviour, driven through the layer as a client meets it.

@@ -367,7 +367,8 @@ impl Echoes {
         self.in_readings(text) || base64_runs_decoded(text).any(|run| self.in_readings(&run))
     }
 
-    /// [`in_text`](Self::in_text) but for base64.
+    /// [`in_text`](Self::in_text) without the base64 runs: `text` as it stands and its
+    /// readings with JSON and percent escapes undone.
     fn in_readings(&self, text: &str) -> bool {
         [text.to_owned(), json_unescaped(text)].iter().any(|base| {
             let once = percent_decoded(base, false);
